@@ -1,0 +1,53 @@
+"""The foundation: README and index agree, the bundled sample and its checksums, the CLI entry point."""
+import hashlib, json, re, subprocess, sys
+from pathlib import Path
+import numpy as np
+from PIL import Image
+
+def _fenced_commands(md: str) -> list[str]:
+    "The shell commands in the first ```sh block after '## Quick start'."
+    block = re.search(r'## Quick start.*?```sh\n(.*?)```', md, re.S).group(1)
+    return [l.split('#')[0].strip() for l in block.splitlines() if l.split('#')[0].strip()]
+
+def test_readme_quick_start_matches_index(repo_root):
+    nb = json.loads((repo_root / 'nbs' / 'index.ipynb').read_text())
+    index_md = '\n'.join(''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'markdown')
+    readme = (repo_root / 'README.md').read_text()
+    assert _fenced_commands(readme) == _fenced_commands(index_md) == ['make reports', 'make test']
+    assert readme.index('## Quick start') < readme.index('## What it does')  # the README starts with it
+
+def test_makefile_has_quick_start_targets(repo_root):
+    mk = (repo_root / 'Makefile').read_text()
+    for target in ('reports:', 'test:'): assert re.search(rf'^{target}', mk, re.M), target
+
+def test_bundled_mias_sample(mias_sample):
+    pngs = sorted(mias_sample.glob('mdb*.png'))
+    assert len(pngs) == 322
+    im = Image.open(pngs[0]); assert im.mode == 'L' and im.size == (256, 256)
+    for f in ('Info.txt', 'Licence.txt', 'SOURCE.md'): assert (mias_sample / f).exists(), f
+    assert 'Suckling' in (mias_sample / 'SOURCE.md').read_text()
+
+def test_data_folder_under_20mb(repo_root):
+    total = sum(p.stat().st_size for p in (repo_root / 'data').rglob('*') if p.is_file() and 'cache' not in p.parts)
+    assert total < 20e6, total
+
+def test_checksums_cover_all_images(repo_root):
+    lines = (repo_root / 'data' / 'checksums' / 'mias.sha256').read_text().split('\n')
+    entries = dict(reversed(l.split('  ')) for l in lines if l)
+    assert len(entries) == 322 and all(re.fullmatch(r'[0-9a-f]{64}', h) for h in entries.values())
+    assert entries['mdb001.pgm'] == '16c5e6c2ac59e62b96e56cbbcba82fba297d7f838c43e8ccd4e127116bee0b35'
+
+def test_checksums_match_original_pgms(repo_root, shared_data):
+    entries = dict(reversed(l.split('  ')) for l in (repo_root / 'data/checksums/mias.sha256').read_text().split('\n') if l)
+    for pgm in sorted((shared_data / 'mini-mias' / 'pgm_samples').glob('*.pgm')):
+        assert entries[pgm.name] == hashlib.sha256(pgm.read_bytes()).hexdigest(), pgm
+    # and the header + raw pixels rule holds for an image we only have as PNG
+    px = np.asarray(Image.open(shared_data / 'mini-mias' / 'mdb100.png'))
+    assert entries['mdb100.pgm'] == hashlib.sha256(b'P5\n1024 1024\n255\n' + px.tobytes()).hexdigest()
+
+def test_cli_help_lists_subcommands():
+    out = subprocess.run([sys.executable, '-m', 'breast_cancer.cli', '--help'], capture_output=True, text=True)
+    exe = Path(sys.executable).parent / 'breast-cancer'
+    if exe.exists(): out = subprocess.run([str(exe), '--help'], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for cmd in ('download', 'prepare', 'train', 'evaluate', 'report', 'predict', 'bench'): assert cmd in out.stdout
