@@ -1,0 +1,114 @@
+"""breast_cancer.data: manifest contract, read_image on every format, load_mias on real and quirky trees."""
+import numpy as np, pandas as pd, pytest
+from PIL import Image
+from breast_cancer.core import DataError, ConfigError
+from breast_cancer import data
+from breast_cancer.data import (LABELS, MANIFEST_COLUMNS, OPTIONAL_COLUMNS, make_manifest, validate_manifest, read_image,
+                                load_mias, write_pgm, write_dicom)
+
+MIAS_COUNTS = {'normal': 207, 'benign': 63, 'malignant': 52}
+
+# ---------------------------------------------------------------- fixtures
+@pytest.fixture
+def mias_tree(tmp_path):
+    "A tiny MIAS tree with a header line, a multi-lesion film, an mdb059-like and a *NOTE 3* line (128-px PGMs)."
+    return data._make_mias_tree(tmp_path / 'mias', size=128)
+
+# ---------------------------------------------------------------- manifest
+def test_contract_names():
+    assert LABELS == ('normal', 'benign', 'malignant')
+    assert MANIFEST_COLUMNS == ('dataset', 'image_id', 'image_path', 'patient_id', 'label', 'abnormal', 'malignant')
+    for c in ('laterality', 'view', 'density', 'abnormality_type', 'lesions', 'roi_path', 'mask_path', 'assessment',
+              'subtlety', 'split'): assert c in OPTIONAL_COLUMNS
+
+def test_make_manifest_from_dataframe_keeps_extras(tmp_path):
+    df = pd.DataFrame(dict(image_id=[1, 2], image_path=['a.png', 'b.png'], patient_id=[7, 7],
+                           label=['BENIGN', ' malignant '], magnification=[40, 100]))
+    m = make_manifest(df, 'x')
+    assert m.image_id.tolist() == ['1', '2'] and m.patient_id.tolist() == ['7', '7']
+    assert m.label.tolist() == ['benign', 'malignant'] and m.columns[-1] == 'magnification'
+    assert all(p.startswith('/') for p in m.image_path) and m.malignant.tolist() == [False, True]
+
+def test_validate_names_bad_rows():
+    m = make_manifest([dict(image_id=f'i{k}', image_path=f'/x/{k}.png', patient_id='p', label='normal') for k in range(3)], 'x')
+    bad = m.copy(); bad.loc[1, 'label'] = 'cancerous'
+    with pytest.raises(DataError, match=r"i1='cancerous'"): validate_manifest(bad)
+    bad = m.copy(); bad.loc[2, 'patient_id'] = None
+    with pytest.raises(DataError, match=r"'patient_id' is empty .*i2"): validate_manifest(bad)
+    bad = m.copy(); bad['split'] = ['train', 'test', 'holdout']
+    with pytest.raises(DataError, match='holdout'): validate_manifest(bad)
+    bad = m.copy(); bad['abnormal'] = True
+    with pytest.raises(DataError, match="'abnormal' disagrees"): validate_manifest(bad)
+
+# ---------------------------------------------------------------- read_image
+def test_read_image_formats(tmp_path):
+    a8 = np.arange(12, dtype=np.uint8).reshape(3, 4) * 20
+    assert np.allclose(read_image(write_pgm(tmp_path / 'a.pgm', a8)), a8 / 255)
+    a16 = (np.arange(12, dtype=np.uint16).reshape(3, 4) * 5000)
+    r = read_image(write_pgm(tmp_path / 'b.pgm', a16))
+    assert r.dtype == np.float32 and np.allclose(r, a16 / 65535, atol=1e-6)
+    Image.fromarray(a16).save(tmp_path / 'c.png')
+    assert np.allclose(read_image(tmp_path / 'c.png'), a16 / 65535, atol=1e-6)
+    Image.fromarray(np.stack([a8, a8 // 2, a8 // 4], -1)).save(tmp_path / 'd.png')
+    rgb = read_image(tmp_path / 'd.png')
+    assert rgb.shape == (3, 4, 3) and np.allclose(rgb[..., 1], (a8 // 2) / 255)
+
+def test_read_dicom_rescale_window_monochrome1(tmp_path):
+    px = np.array([[0, 100, 200], [300, 400, 500]], np.uint16)
+    # rescale: value = 4*px - 1000 -> -1000..1000; window centre 0, width 1000 (LINEAR) shows -500..500
+    got = read_image(write_dicom(tmp_path / 'a.dcm', px, 'MONOCHROME1', slope=4, intercept=-1000, window=(0, 1000)))
+    v = px * 4.0 - 1000
+    want = 1 - np.clip((v - (0 - 0.5)) / (1000 - 1) + 0.5, 0, 1)
+    assert got.dtype == np.float32 and got.shape == (2, 3)
+    assert np.allclose(got, want, atol=1e-4)
+    assert got[0, 0] == 1.0 and got[1, 2] == 0.0  # MONOCHROME1: the lowest value is white
+    plain = read_image(write_dicom(tmp_path / 'b.dcm', px))
+    assert np.allclose(plain, px / 500)
+
+def test_read_image_errors_name_the_file(tmp_path):
+    (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(200)))
+    with pytest.raises(DataError, match='broken.png'): read_image(tmp_path / 'broken.png')
+    with pytest.raises(DataError, match='image not found: .*gone.jpg'): read_image(tmp_path / 'gone.jpg')
+    write_dicom(tmp_path / 'x.dcm', np.zeros((8, 8), np.uint16))
+    (tmp_path / 'cut.dcm').write_bytes((tmp_path / 'x.dcm').read_bytes()[:-60])
+    with pytest.raises(DataError, match='cut.dcm'): read_image(tmp_path / 'cut.dcm')
+
+# ---------------------------------------------------------------- load_mias
+def _check_mias_counts(m):
+    assert len(m) == 322 and m.patient_id.nunique() == 161
+    assert m.label.value_counts().to_dict() == MIAS_COUNTS
+    assert (m.groupby('patient_id').size() == 2).all()
+    assert m.lesions.map(len).sum() == 330 - 207  # every abnormal line is kept
+    validate_manifest(m)
+
+def test_load_mias_bundled_counts(mias_sample):
+    m = load_mias(mias_sample); _check_mias_counts(m)
+    r = m.set_index('image_id').loc['mdb005', 'lesions']  # 'mdb005 F CIRC B 477 133 30' and '... 500 168 26'
+    assert [(l['row'], l['col'], l['radius']) for l in r] == [((1024 - 133) / 4, 477 / 4, 30 / 4), ((1024 - 168) / 4, 500 / 4, 26 / 4)]
+
+def test_load_mias_full_resolution_counts(shared_data):
+    m = load_mias(shared_data / 'mini-mias'); _check_mias_counts(m)
+    l = m.set_index('image_id').loc['mdb001', 'lesions'][0]
+    assert (l['row'], l['col'], l['radius']) == (1024 - 425, 535, 197)
+
+def test_load_mias_quirks(mias_tree):
+    m = load_mias(mias_tree).set_index('image_id')
+    assert m.label.tolist() == ['benign', 'normal', 'malignant', 'benign', 'malignant', 'normal']
+    assert m.patient_id.tolist() == ['mdb001+mdb002'] * 2 + ['mdb003+mdb004'] * 2 + ['mdb005+mdb006'] * 2
+    assert [l['severity'] for l in m.loc['mdb003', 'lesions']] == ['B', 'M']
+    assert m.loc['mdb004', 'lesions'] == [dict(type='CIRC', severity='B', row=None, col=None, radius=None, x=None, y=None)]
+    assert m.loc['mdb005', 'lesions'][0]['note'] == '*NOTE 3*'
+    assert m.loc['mdb001', 'lesions'][0]['row'] == pytest.approx((1024 - 425) / 8)
+    assert m.density.tolist()[:3] == ['fatty-glandular', 'fatty-glandular', 'dense-glandular']
+
+def test_load_mias_without_header_and_png(tmp_path):
+    a = load_mias(data._make_mias_tree(tmp_path / 'a', ext='png', header=False))
+    b = load_mias(data._make_mias_tree(tmp_path / 'b'))
+    assert a.label.tolist() == b.label.tolist() and a.image_path[0].endswith('mdb001.png')
+
+def test_load_mias_missing_and_corrupt(mias_tree):
+    (mias_tree / 'mdb003.pgm').write_bytes(b'P5\n128 128\n255\n' + bytes(100))  # truncated
+    with pytest.raises(DataError, match='mdb003.pgm'): load_mias(mias_tree)
+    (mias_tree / 'mdb006.pgm').unlink()
+    with pytest.raises(DataError, match='mdb006.pgm'): load_mias(mias_tree)
+    with pytest.raises(DataError, match='download mias'): load_mias(mias_tree / 'nowhere')
