@@ -112,3 +112,81 @@ def test_load_mias_missing_and_corrupt(mias_tree):
     (mias_tree / 'mdb006.pgm').unlink()
     with pytest.raises(DataError, match='mdb006.pgm'): load_mias(mias_tree)
     with pytest.raises(DataError, match='download mias'): load_mias(mias_tree / 'nowhere')
+
+# ---------------------------------------------------------------- splits
+from breast_cancer.data import patient_split, patient_kfold, save_split, load_split, check_patient_leakage
+
+def _synthetic_manifest(n_patients=60, seed=0):
+    "Many images per patient (1-12) and unbalanced labels (70 % normal patients, few malignant)."
+    rng = np.random.default_rng(seed); rows = []
+    for p in range(n_patients):
+        plabel = rng.choice(LABELS, p=[0.7, 0.2, 0.1])
+        for k in range(int(rng.integers(1, 13))):
+            lab = plabel if plabel == 'normal' or k % 3 else 'normal'  # abnormal patients also have normal films
+            rows.append(dict(image_id=f'p{p}_{k}', image_path=f'/x/p{p}_{k}.png', patient_id=f'p{p}', label=lab))
+    return make_manifest(rows, 'synthetic')
+
+@pytest.fixture(scope='module')
+def mias_manifest(mias_sample): return load_mias(mias_sample)
+
+@pytest.fixture(params=['mias', 'synthetic'])
+def manifest(request, mias_manifest):
+    return mias_manifest.copy() if request.param == 'mias' else _synthetic_manifest()
+
+@pytest.mark.parametrize('seed', [0, 1, 7, 42])
+def test_patient_split_never_leaks(manifest, seed):
+    s = patient_split(manifest, test_size=0.2, val_size=0.1, seed=seed)
+    assert s.groupby('patient_id').split.nunique().max() == 1
+    check_patient_leakage(s)
+    assert set(s.split) == {'train', 'val', 'test'}
+    frac = s.split.value_counts(normalize=True)
+    assert 0.1 < frac['test'] < 0.3 and 0.03 < frac['val'] < 0.2, frac
+    for lab in ('normal', 'malignant'):  # every part sees the minority classes
+        assert (s[s.label == lab].split.value_counts() > 0).all()
+    assert s.drop(columns='split').equals(manifest)  # nothing else changed
+    assert patient_split(manifest, seed=seed).split.tolist() == s.split.tolist()
+
+@pytest.mark.parametrize('seed', [0, 3])
+def test_patient_kfold_never_leaks(manifest, seed):
+    f = patient_kfold(manifest, n_splits=5, seed=seed)
+    assert f.groupby('patient_id').fold.nunique().max() == 1 and sorted(f.fold.unique()) == [0, 1, 2, 3, 4]
+    share = pd.crosstab(f.fold, f.label, normalize='index')
+    assert (share - manifest.label.value_counts(normalize=True)).abs().max().max() < 0.15  # stratified
+
+def test_split_stratifies_better_than_chance():
+    m = _synthetic_manifest(200, seed=1)
+    overall = (m.label == 'malignant').mean()
+    dev = [abs((s[s.split == 'test'].label == 'malignant').mean() - overall)
+           for s in (patient_split(m, seed=k) for k in range(5))]
+    assert max(dev) < 0.05, dev
+
+def test_official_split_kept_and_leak_warned(caplog):
+    m = _synthetic_manifest()
+    pid = m.patient_id.str[1:].astype(int)
+    m['split'] = np.where(pid % 4 == 0, 'test', 'train')
+    m.loc[m.index[m.patient_id == 'p1'][:1], 'split'] = 'test'  # the published split leaks patient p1
+    s = patient_split(m, seed=0)
+    assert (s.split[m.split == 'test'] == 'test').all() and set(s.split[m.split == 'train']) == {'train', 'val'}
+    assert 'both train and test' in caplog.text
+    fresh = patient_split(m, keep_official=False)
+    check_patient_leakage(fresh)
+    k = patient_kfold(m)
+    assert (k.fold[m.split == 'test'] == -1).all() and k.fold[m.split == 'train'].between(0, 4).all()
+
+def test_split_roundtrip_and_mismatch(tmp_path, mias_sample):
+    m = load_mias(mias_sample)
+    s = patient_kfold(patient_split(m, seed=5), seed=5)
+    path = save_split(s, tmp_path / 'split.csv')
+    back = load_split(m, path)
+    assert back.split.tolist() == s.split.tolist() and back.fold.tolist() == s.fold.tolist()
+    with pytest.raises(DataError, match='no split for 22 row'): load_split(m, save_split(s.iloc[22:], tmp_path / 'p.csv'))
+    other = m.assign(patient_id=m.image_id)
+    with pytest.raises(DataError, match='patient ids changed'): load_split(other, path)
+    (tmp_path / 'junk.csv').write_text('a,b\n1,2\n')
+    with pytest.raises(DataError, match='not a split file'): load_split(m, tmp_path / 'junk.csv')
+
+def test_split_bad_arguments(mias_sample):
+    m = load_mias(mias_sample)
+    with pytest.raises(ConfigError, match='sum to less than 1'): patient_split(m, 0.6, 0.5)
+    with pytest.raises(ConfigError, match='no column'): patient_split(m, stratify='birads')
+    with pytest.raises(DataError, match='cannot make 5 folds'): patient_kfold(m.head(4))
