@@ -190,3 +190,88 @@ def test_split_bad_arguments(mias_sample):
     with pytest.raises(ConfigError, match='sum to less than 1'): patient_split(m, 0.6, 0.5)
     with pytest.raises(ConfigError, match='no column'): patient_split(m, stratify='birads')
     with pytest.raises(DataError, match='cannot make 5 folds'): patient_kfold(m.head(4))
+
+# ---------------------------------------------------------------- image cache
+import os, time
+from breast_cancer.data import cache_images, load_cached, load_csv, load_folder, load_dataset, get_loader, DATASETS
+
+class Gamma:
+    "A picklable transform with a cache_key, like WaveletPreprocessor."
+    def __init__(self, g): self.g = g; self.cache_key = f'gamma-{g}'
+    def __call__(self, a): return a ** self.g
+
+@pytest.fixture
+def small_set(tmp_path):
+    "Five 8-bit PGMs of 40x30 px (not square) in a manifest."
+    rng = np.random.default_rng(0); rows = []
+    for k in range(5):
+        p = write_pgm(tmp_path / f'img{k}.pgm', rng.integers(0, 256, (30, 40), dtype=np.uint8))
+        rows.append(dict(image_id=f'img{k}', image_path=str(p), patient_id=f'p{k}', label=LABELS[k % 3]))
+    return make_manifest(rows, 'tiny')
+
+def test_cache_process_pool_reuse_and_invalidation(small_set, tmp_path):
+    root = tmp_path / 'cache'
+    a = cache_images(small_set, size=20, transform=Gamma(2.0), cache_root=root, workers=2, progress=False)
+    assert a.drop(columns='cache_path').equals(small_set) and a.cache_path.map(os.path.exists).all()
+    def expected(k, g):  # transform at source resolution, then Lanczos to a longer side of 20
+        im = Image.fromarray((read_image(small_set.image_path[k]) ** g).astype(np.float32), mode='F')
+        return np.clip(np.asarray(im.resize((20, 15), Image.Resampling.LANCZOS)), 0, 1)
+    x = load_cached(a.cache_path[1])
+    assert x.shape == (15, 20) and x.dtype == np.float32 and np.allclose(x, expected(1, 2.0), atol=1e-6)
+    mtimes = [os.stat(p).st_mtime_ns for p in a.cache_path]
+    time.sleep(0.01)
+    b = cache_images(small_set, size=20, transform=Gamma(2.0), cache_root=root, workers=2, progress=False)
+    assert b.cache_path.tolist() == a.cache_path.tolist() and [os.stat(p).st_mtime_ns for p in b.cache_path] == mtimes
+    c = cache_images(small_set, size=20, transform=Gamma(0.5), cache_root=root, workers=1, progress=False)
+    assert not set(c.cache_path) & set(a.cache_path)
+    assert np.allclose(load_cached(c.cache_path[1]), expected(1, 0.5), atol=1e-6)
+    d = cache_images(small_set, size=10, transform=Gamma(2.0), cache_root=root, workers=1, progress=False)
+    assert load_cached(d.cache_path[0]).shape == (8, 10)
+    # touching a source recomputes that image only
+    src = small_set.image_path[3]; st = os.stat(src); os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    e = cache_images(small_set, size=20, transform=Gamma(2.0), cache_root=root, workers=1, progress=False)
+    assert [p1 == p2 for p1, p2 in zip(e.cache_path, a.cache_path)] == [True, True, True, False, True]
+    assert not list(root.rglob('*.tmp'))  # atomic writes leave nothing behind
+
+def test_cache_errors(small_set, tmp_path):
+    (Path(small_set.image_path[2])).write_bytes(b'P5\n40 30\n255\n' + bytes(10))  # truncated
+    with pytest.raises(DataError, match=r'1 image\(s\) could not be cached .*img2.pgm'):
+        cache_images(small_set, size=16, cache_root=tmp_path / 'c', workers=2, progress=False)
+    assert len(list((tmp_path / 'c').rglob('*.npy'))) == 4  # the good ones were kept
+    with pytest.raises(ConfigError, match='cache_key'): cache_images(small_set, transform=np.sqrt, cache_root=tmp_path / 'c')
+    os.unlink(small_set.image_path[0])
+    with pytest.raises(DataError, match=r'1 image\(s\) of the manifest are missing: .*img0.pgm'):
+        cache_images(small_set, cache_root=tmp_path / 'c')
+    (tmp_path / 'junk.npy').write_bytes(b'junk')
+    with pytest.raises(DataError, match='junk.npy'): load_cached(tmp_path / 'junk.npy')
+
+# ---------------------------------------------------------------- generic loaders and the registry
+from pathlib import Path
+
+def test_load_folder_with_splits_and_patients(tmp_path, small_set):
+    for split in ('train', 'test'):
+        for lab in ('benign', 'Malignant'):
+            d = tmp_path / 'kaggle' / split / lab; d.mkdir(parents=True)
+            for k in range(2): (d / f'P_{k}{split[1]}_{lab}_{k}.pgm').write_bytes(Path(small_set.image_path[k]).read_bytes())
+    m = load_folder(tmp_path / 'kaggle', patient_id=r'P_(\d+\w)_')
+    assert len(m) == 8 and set(m.split) == {'train', 'test'} and m.label.value_counts().to_dict() == {'benign': 4, 'malignant': 4}
+    assert sorted(m.patient_id.unique()) == ['0e', '0r', '1e', '1r']
+    with pytest.raises(DataError, match='does not match'): load_folder(tmp_path / 'kaggle', patient_id=r'Q(\d)')
+
+def test_load_csv_relative_paths_and_label_map(tmp_path, small_set):
+    pd.DataFrame(dict(file=[os.path.basename(p) for p in small_set.image_path], y=[0, 1, 1, 0, 1],
+                      case=['a', 'a', 'b', 'c', 'c'], age=[50, 50, 61, 70, 70])).to_csv(tmp_path / 'labels.csv', index=False)
+    m = load_csv(tmp_path / 'labels.csv', image_col='file', label_col='y', patient_col='case', label_map={0: 'benign', 1: 'malignant'})
+    assert m.label.tolist() == ['benign', 'malignant', 'malignant', 'benign', 'malignant'] and 'age' in m
+    assert m.image_path.tolist() == small_set.image_path.tolist() and m.patient_id.tolist() == ['a', 'a', 'b', 'c', 'c']
+
+def test_load_dataset_registry(mias_sample, tmp_path, monkeypatch):
+    assert set(DATASETS) == {'mias', 'cbis_ddsm', 'ddsm', 'cmmd', 'breakhis', 'idc', 'csv', 'folder'}
+    assert DATASETS['cbis_ddsm'] == 'breast_cancer.mammo:load_cbis_ddsm'
+    assert len(load_dataset('MIAS')) == 322 and get_loader('mias') is load_mias
+    with pytest.raises(ConfigError, match='known datasets: mias, cbis_ddsm, ddsm, cmmd, breakhis, idc, csv, folder'):
+        load_dataset('inbreast')
+    monkeypatch.setenv('BREAST_CANCER_DATA', str(tmp_path))
+    with pytest.raises(DataError, match=r'breast-cancer download cmmd'): load_dataset('cmmd')
+    data._make_mias_tree(tmp_path / 'mias')
+    assert len(load_dataset('mias')) == 6  # data_dir()/mias wins over the bundled sample
