@@ -189,3 +189,12 @@ def test_cache_images_on_dicom_and_png_fixtures(trees, tmp_path):
     for p in cached['cache_path']:
         a = data.load_cached(p)
         assert a.shape == (32, 24) and a.dtype == np.float32 and 0 <= a.min() and a.max() <= 1
+
+
+def test_cbis_tcia_tree_inside_nbia_manifest_folder(tmp_path):
+    "The NBIA Data Retriever writes <dest>/manifest-<id>/CBIS-DDSM/...; passing <dest> finds it."
+    root = make_cbis_fixture(tmp_path/'dest', 'tcia')
+    (root/'manifest-1600709154662').mkdir()
+    (root/'CBIS-DDSM').rename(root/'manifest-1600709154662'/'CBIS-DDSM')
+    df = quiet(load_cbis_ddsm, root, per='abnormality')
+    assert len(df) == 8 and df['image_path'].str.contains('manifest-1600709154662').all()
