@@ -198,3 +198,14 @@ def test_cbis_tcia_tree_inside_nbia_manifest_folder(tmp_path):
     (root/'CBIS-DDSM').rename(root/'manifest-1600709154662'/'CBIS-DDSM')
     df = quiet(load_cbis_ddsm, root, per='abnormality')
     assert len(df) == 8 and df['image_path'].str.contains('manifest-1600709154662').all()
+
+
+def test_lesions_fit_the_shared_figures(trees):
+    "The lesion dicts of the mammography loaders are drawn by data.show_lesions (row/col/radius or bbox)."
+    import matplotlib; matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    ddsm = load_ddsm(trees['ddsm'])
+    fig = data.show_lesions(ddsm, n=3)
+    assert sum(len(ax.patches) for ax in fig.axes) == 4     # D_4001 LEFT_MLO, B_3024 RIGHT_CC (two lesions), B_3024 RIGHT_MLO
+    plt.close(fig)
+    fig = data.show_examples(quiet(load_cmmd, trees['cmmd']), n=2); plt.close(fig)
