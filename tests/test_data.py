@@ -273,5 +273,91 @@ def test_load_dataset_registry(mias_sample, tmp_path, monkeypatch):
         load_dataset('inbreast')
     monkeypatch.setenv('BREAST_CANCER_DATA', str(tmp_path))
     with pytest.raises(DataError, match=r'breast-cancer download cmmd'): load_dataset('cmmd')
-    data._make_mias_tree(tmp_path / 'mias')
-    assert len(load_dataset('mias')) == 6  # data_dir()/mias wins over the bundled sample
+    with pytest.raises(DataError, match='bundled sample'): load_dataset('mias')  # no sample under this data_dir
+    data._make_mias_tree(tmp_path / 'mini-mias')
+    assert len(load_dataset('mias')) == 6  # data_dir()/mini-mias (where download puts it) wins over the bundled sample
+
+
+# ---------------------------------------------------------------- download
+import hashlib, io, tarfile
+from breast_cancer.data import download, safe_extract, verify_checksums, read_checksums, checksums_file, MIAS_URL
+
+def _tar(path, members):
+    "A .tar.gz from (TarInfo kwargs, bytes) pairs."
+    with tarfile.open(path, 'w:gz') as tar:
+        for kw, payload in members:
+            ti = tarfile.TarInfo(kw.pop('name')); [setattr(ti, k, v) for k, v in kw.items()]
+            ti.size = len(payload) if ti.isfile() else 0
+            tar.addfile(ti, io.BytesIO(payload) if ti.isfile() else None)
+    return path
+
+@pytest.fixture
+def mias_archive(tmp_path, mias_sample, monkeypatch):
+    "A fake all-mias.tar.gz (4 PGMs + Info.txt) with its own checksum list under a private data_dir()."
+    arc, sums = data._make_mias_archive(tmp_path / 'all-mias.tar.gz', mias_sample)
+    (tmp_path / 'data' / 'checksums').mkdir(parents=True)
+    (tmp_path / 'data' / 'checksums' / 'mias.sha256').write_text(''.join(f'{h}  {n}\n' for n, h in sums.items()))
+    monkeypatch.setenv('BREAST_CANCER_DATA', str(tmp_path / 'data'))
+    return arc, sums
+
+def test_download_mias_from_local_archive(mias_archive, tmp_path, capsys):
+    arc, sums = mias_archive
+    dest = download('mias', url=arc.as_uri(), progress=False)
+    assert dest == tmp_path / 'data' / 'mini-mias'
+    assert {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in dest.glob('*.pgm')} == sums
+    m = load_mias(dest)
+    assert len(m) == 4 and m.lesions[0][0]['row'] == (1024 - 425) / 4  # PGMs of 256 px: scaled coordinates
+    assert not list((tmp_path / 'data').glob('*.tar.gz')) and not list((tmp_path / 'data').glob('.*'))  # no leftovers
+    assert download('mias', url='http://127.0.0.1:9/never-used', progress=False) == dest  # already there and verified
+    assert download('mias', tmp_path / 'again', url=str(arc), progress=False, keep_archive=True).is_dir()  # a local path works too
+    assert (tmp_path / 'again.all-mias.tar.gz').exists()
+
+def test_download_refuses_wrong_checksum(mias_archive, tmp_path, mias_sample):
+    bad, _ = data._make_mias_archive(tmp_path / 'bad.tar.gz', mias_sample, corrupt='mdb003.pgm')
+    with pytest.raises(DataError, match=r'0 file\(s\) missing .* 1 with a wrong SHA-256 \(mdb003.pgm\)'):
+        download('mias', tmp_path / 'out', url=str(bad), progress=False)
+    assert not (tmp_path / 'out').exists()
+    short, _ = data._make_mias_archive(tmp_path / 'short.tar.gz', mias_sample, n=3)
+    with pytest.raises(DataError, match=r'1 file\(s\) missing \(mdb004.pgm\)'): download('mias', tmp_path / 'out', url=str(short), progress=False)
+
+@pytest.mark.parametrize('member, why', [
+    (dict(name='../../evil.pgm'), 'path with ..'),
+    (dict(name='/etc/evil.pgm'), 'absolute path'),
+    (dict(name='mdb001.pgm', type=tarfile.SYMTYPE, linkname='/etc/passwd'), "link to '/etc/passwd'"),
+    (dict(name='hard', type=tarfile.LNKTYPE, linkname='Info.txt'), "link to 'Info.txt'"),
+    (dict(name='dev', type=tarfile.CHRTYPE), 'special file')])
+def test_safe_extract_refuses_malicious_members(tmp_path, member, why):
+    arc = _tar(tmp_path / 'evil.tar.gz', [(dict(name='Info.txt'), b'mdb001 G NORM\n'), (member, b'evil')])
+    with pytest.raises(DataError, match=why): safe_extract(arc, tmp_path / 'out')
+    assert not (tmp_path / 'out').exists() and not (tmp_path.parent / 'evil.pgm').exists()
+
+def test_download_malicious_archive_leaves_nothing(mias_archive, tmp_path, mias_sample):
+    evil, _ = data._make_mias_archive(tmp_path / 'evil.tar.gz', mias_sample, evil='../../escape.txt')
+    with pytest.raises(DataError, match='unsafe member'): download('mias', tmp_path / 'd' / 'out', url=str(evil), progress=False)
+    assert not list(tmp_path.rglob('escape.txt')) and not (tmp_path / 'd' / 'out').exists()
+
+def test_download_without_network_says_what_to_do(mias_archive, tmp_path):
+    with pytest.raises(DataError, match=r'could not reach http://127.0.0.1:9/all-mias.tar.gz .*check your connection, or download it by hand to'):
+        download('mias', tmp_path / 'x', url='http://127.0.0.1:9/all-mias.tar.gz', progress=False)
+    with pytest.raises(DataError, match='not a readable tar'):
+        (tmp_path / 'junk.tar.gz').write_bytes(b'<html>proxy login</html>')
+        download('mias', tmp_path / 'x', url=str(tmp_path / 'junk.tar.gz'), progress=False)
+
+@pytest.mark.parametrize('name', ['cbis_ddsm', 'cmmd', 'ddsm', 'breakhis', 'idc'])
+def test_download_registered_prints_instructions(name, capsys, tmp_path):
+    assert download(name, tmp_path / name) is None
+    out = capsys.readouterr().out
+    assert 'http' in out and str(tmp_path / name) in out and f"load_dataset('{name}')" in out
+    with pytest.raises(ConfigError, match='known datasets: mias, cbis_ddsm'): download('inbreast')
+
+def test_shipped_checksums(repo_root):
+    sums = read_checksums(checksums_file('mias'))
+    assert len(sums) == 322 and sums['mdb322.pgm'] == read_checksums(repo_root / 'data/checksums/mias.sha256')['mdb322.pgm']
+    assert MIAS_URL == 'http://peipa.essex.ac.uk/pix/mias/all-mias.tar.gz'
+
+def test_real_pgms_verify(repo_root, shared_data):
+    sums = read_checksums(repo_root / 'data/checksums/mias.sha256')
+    found = verify_checksums(shared_data / 'mini-mias' / 'pgm_samples', {n: sums[n] for n in ('mdb001.pgm', 'mdb002.pgm')})
+    assert sorted(found) == ['mdb001.pgm', 'mdb002.pgm']
+    assert read_image(found['mdb001.pgm']).shape == (1024, 1024)
+    assert np.array_equal(read_image(found['mdb001.pgm']), read_image(shared_data / 'mini-mias' / 'mdb001.png'))
