@@ -1,0 +1,131 @@
+"""Integration tests for breast_cancer.evaluate: metrics on Predictions tables from disk, the real bundled images,
+Grad-CAM through the model module's nested ResNet-50, and the bootstrap against scikit-learn replicate by replicate."""
+import numpy as np, pandas as pd, pytest
+from sklearn import metrics as skm
+
+from breast_cancer import evaluate as ev
+from breast_cancer.core import DataError, ConfigError
+
+
+def _predictions(manifest: pd.DataFrame, seed: int = 0, single_stage: bool = False) -> pd.DataFrame:
+    "A Predictions table for a manifest, with probabilities that are informative but imperfect."
+    rng = np.random.default_rng(seed)
+    lab = manifest['label'].to_numpy()
+    pa = np.clip(np.where(lab != 'normal', .7, .3) + rng.normal(0, .25, len(lab)), 0, 1)
+    pm = np.clip(np.where(lab == 'malignant', .65, .35) + rng.normal(0, .25, len(lab)), 0, 1)
+    if single_stage: pa = np.full(len(lab), np.nan)
+    pred = np.where(pm >= .5, 'malignant', 'benign')
+    if not single_stage: pred = np.where(pa < .5, 'normal', pred)
+    return pd.DataFrame({'dataset': manifest['dataset'], 'image_id': manifest['image_id'], 'image_path': manifest['image_path'],
+                         'patient_id': manifest['patient_id'], 'split': 'test', 'fold': 0, 'true_label': lab,
+                         'p_abnormal': pa, 'p_malignant': pm, 'pred_label': pred})
+
+
+@pytest.fixture(scope='module')
+def mias_predictions(mias_sample):
+    from breast_cancer.data import load_mias
+    return _predictions(load_mias(mias_sample))
+
+
+def test_bootstrap_replicates_equal_sklearn_with_weights():
+    "Each vectorised replicate equals scikit-learn on the same resampled images (as sample weights)."
+    rng = np.random.default_rng(3)
+    g = rng.integers(0, 40, 300); y = rng.random(300) < .4; s = np.round(rng.random(300) * .6 + y * .3, 2)
+    pred = s >= .5
+    codes, G = ev._group_codes(g, len(y))
+    W = next(ev.bootstrap_weights(G, 5, seed=1))
+    rc = ev._RankCurves(y, s, codes, G)
+    auc, ap = rc.auc(*rc.weighted(W)), rc.average_precision(*rc.weighted(W))
+    per = np.zeros((G, 4))
+    for j, m in enumerate([y & pred, ~y & pred, y & ~pred, ~y & ~pred]): per[:, j] = np.bincount(codes[m], minlength=G)
+    thr = ev._binary_from_counts(*(W @ per).T)
+    for b in range(5):
+        w = W[b, codes]
+        assert auc[b] == pytest.approx(skm.roc_auc_score(y, s, sample_weight=w), abs=1e-12)
+        assert ap[b] == pytest.approx(skm.average_precision_score(y, s, sample_weight=w), abs=1e-12)
+        assert thr['sensitivity'][b] == pytest.approx(skm.recall_score(y, pred, sample_weight=w), abs=1e-12)
+        assert thr['precision'][b] == pytest.approx(skm.precision_score(y, pred, sample_weight=w, zero_division=0), abs=1e-12)
+        assert thr['f1'][b] == pytest.approx(skm.f1_score(y, pred, sample_weight=w, zero_division=0), abs=1e-12)
+        assert thr['balanced_accuracy'][b] == pytest.approx(skm.balanced_accuracy_score(y, pred, sample_weight=w), abs=1e-12)
+
+
+def test_skipped_replicates_are_counted():
+    """3 patients, 'a' the only positive: a replicate lacks a positive when 'a' is never drawn ((2/3)^3) and lacks a
+    negative when only 'a' is drawn ((1/3)^3): 9/27 = 1/3 of the replicates are skipped."""
+    y = np.array([1, 1, 0, 0, 0, 0]); s = np.array([.9, .8, .3, .4, .2, .6]); g = ['a', 'a', 'b', 'b', 'c', 'c']
+    m = ev.binary_metrics(y, s, groups=g, n_boot=3000, seed=0)
+    assert m.n_skipped == pytest.approx(3000 / 3, rel=0.08)
+    assert m.table['lower'].notna().all()
+
+
+def test_cascade_metrics_from_csv(tmp_path, mias_predictions):
+    path = tmp_path / 'predictions.csv'
+    mias_predictions.to_csv(path, index=False)
+    res = ev.cascade_metrics(path, n_boot=200)
+    assert list(res.parts()) == ['stage1', 'stage2', 'end_to_end', 'three_class']
+    assert res.stage1.n_images == 322 and res.stage1.n_groups == 161
+    assert res.stage2.n_images == (mias_predictions.true_label != 'normal').sum()
+    three = res.three_class.confusion
+    assert three.to_numpy().sum() == 322 and list(three.index) == ['normal', 'benign', 'malignant']
+    assert res.summary().shape == (3, 4)
+    bad = mias_predictions.drop(columns='p_malignant'); bad.to_csv(path, index=False)
+    with pytest.raises(DataError, match='p_malignant'): ev.cascade_metrics(path)
+
+
+def test_single_stage_breakhis_patient_level(breakhis_sample, tmp_path):
+    "Single-stage (histopathology) predictions on the real BreakHis sample: NA p_abnormal survives a CSV round trip."
+    from breast_cancer.histo import load_breakhis
+    manifest = load_breakhis(breakhis_sample)
+    preds = _predictions(manifest, single_stage=True)
+    preds.to_csv(tmp_path / 'p.csv', index=False)
+    res = ev.cascade_metrics(tmp_path / 'p.csv', n_boot=200)
+    assert res.single_stage and list(res.parts()) == ['stage2'] and res.stage2.n_images == 12
+    pl = ev.patient_level(preds, 'p_malignant', n_boot=200)
+    assert len(pl.patients) == manifest['patient_id'].nunique()
+    five = pl.patients.set_index('patient_id').loc['14-25197']        # the patient with 4 images (4 magnifications)
+    assert five['n_images'] == 4 and five['score'] == pytest.approx(preds.loc[preds.patient_id == '14-25197', 'p_malignant'].mean())
+    assert not pl.patients['mixed'].any()
+    rr = ev.recognition_rate(preds, n_boot=200)
+    per = preds.assign(ok=preds.pred_label == preds.true_label).groupby('patient_id')['ok'].mean()
+    assert rr['recognition_rate'] == pytest.approx(per.mean())
+
+
+def test_figures_on_real_images(mias_predictions, tmp_path):
+    from breast_cancer.data import load_mias
+    fig = ev.plot_misclassified(mias_predictions, n=4)
+    fig.savefig(tmp_path / 'mis.png'); assert (tmp_path / 'mis.png').stat().st_size > 10_000
+    m = ev.binary_metrics(mias_predictions.true_label != 'normal', mias_predictions.p_abnormal, groups=mias_predictions.patient_id, n_boot=100)
+    for f in (ev.plot_confusion(m), ev.plot_roc(mias_predictions.true_label != 'normal', mias_predictions.p_abnormal, n_boot=50),
+              ev.plot_pr(mias_predictions.true_label != 'normal', mias_predictions.p_abnormal, n_boot=50),
+              ev.plot_calibration(mias_predictions.true_label != 'normal', mias_predictions.p_abnormal)):
+        f.savefig(tmp_path / 'f.png')
+    from breast_cancer.wavelet import WaveletPreprocessor
+    fig = ev.plot_wavelet_examples(load_mias().head(10), WaveletPreprocessor(), n=2)
+    assert len(fig.axes) == 6
+
+
+def test_plot_history_from_run_dir(tmp_path):
+    run = tmp_path / 'run'; (run / 'stage1').mkdir(parents=True)
+    pd.DataFrame({'epoch': [0, 1, 2], 'loss': [.9, .6, .5], 'val_loss': [1., .8, .7], 'accuracy': [.5, .7, .8],
+                  'val_accuracy': [.5, .6, .65]}).to_csv(run / 'stage1' / 'history.csv', index=False)
+    fig = ev.plot_history(run)
+    assert [a.get_title() for a in fig.axes] == ['loss', 'accuracy']
+    assert list(fig.axes[0].lines[0].get_xdata()) == [1, 2, 3]
+    (run / 'stage1' / 'history.csv').write_text('')
+    with pytest.raises(DataError, match='history'): ev.plot_history(run)
+
+
+def test_grad_cam_on_model_module_resnet50():
+    "The model engineer's ResNet-50 wraps keras.applications.ResNet50 as a nested model: Grad-CAM must reach inside."
+    model_mod = pytest.importorskip('breast_cancer.model')
+    model = model_mod.build_resnet50(input_shape=(32, 32, 1), weights=None)
+    path = ev.find_last_conv(model)
+    assert path[-1].name == 'conv5_block3_3_conv' and len(path) == 3
+    img = np.random.default_rng(0).random((32, 32)).astype('float32')
+    cam, sal = ev.grad_cam(model, img), ev.saliency_map(model, img)
+    assert cam.shape == sal.shape == (32, 32)
+    assert np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
+    assert sal.max() == pytest.approx(1.0) and sal.min() >= 0
+    named = ev.grad_cam(model, img, layer_name='conv4_block1_1_conv')
+    assert named.shape == (32, 32)
+    with pytest.raises(ConfigError, match="no layer named 'nope'"): ev.grad_cam(model, img, layer_name='nope')
