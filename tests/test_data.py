@@ -361,3 +361,7 @@ def test_real_pgms_verify(repo_root, shared_data):
     assert sorted(found) == ['mdb001.pgm', 'mdb002.pgm']
     assert read_image(found['mdb001.pgm']).shape == (1024, 1024)
     assert np.array_equal(read_image(found['mdb001.pgm']), read_image(shared_data / 'mini-mias' / 'mdb001.png'))
+
+def test_package_copy_of_checksums_matches(repo_root):
+    "breast_cancer/checksums/mias.sha256 (for pip installs, e.g. Colab) must equal data/checksums/mias.sha256."
+    assert (repo_root / 'breast_cancer/checksums/mias.sha256').read_bytes() == (repo_root / 'data/checksums/mias.sha256').read_bytes()
