@@ -209,3 +209,17 @@ def test_lesions_fit_the_shared_figures(trees):
     assert sum(len(ax.patches) for ax in fig.axes) == 4     # D_4001 LEFT_MLO, B_3024 RIGHT_CC (two lesions), B_3024 RIGHT_MLO
     plt.close(fig)
     fig = data.show_examples(quiet(load_cmmd, trees['cmmd']), n=2); plt.close(fig)
+
+
+def test_ddsm_gzipped_overlay_and_pngfiles_folder(tmp_path):
+    "Two layouts seen in the wild: gzipped overlays, and the PNGs in a PNGFiles/ sub-folder of the case."
+    import gzip
+    root = make_ddsm_fixture(tmp_path/'ddsm')
+    case = root/'cases/cancers/cancer_01/case0002'
+    ov = case/'C_0002_1.LEFT_CC.OVERLAY'
+    (case/'C_0002_1.LEFT_CC.OVERLAY.gz').write_bytes(gzip.compress(ov.read_bytes())); ov.unlink()
+    (case/'PNGFiles').mkdir()
+    for p in case.glob('*.png'): p.rename(case/'PNGFiles'/p.name)
+    df = load_ddsm(root).set_index('image_id')
+    assert df.loc['C_0002_1.LEFT_CC', 'label'] == 'malignant' and '/PNGFiles/' in df.loc['C_0002_1.LEFT_CC', 'image_path']
+    assert df.loc['C_0002_1.LEFT_CC', 'lesions'][0]['bbox'] == [22, 6, 39, 23]
