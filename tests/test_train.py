@@ -1,0 +1,184 @@
+"""Integration tests of breast_cancer.train: config validation, the tf.data pipeline on the bundled sample,
+run folders, resume after an interruption, and determinism for a seed on CPU. Tiny: 32 px, a few steps, tiny models."""
+import json, os
+from pathlib import Path
+import numpy as np, pandas as pd, pytest
+
+keras = pytest.importorskip('keras')
+from breast_cancer.core import ConfigError, DataError, seed_everything
+from breast_cancer import data, train as T
+
+TINY = {'name': 'tiny', 'data': {'image_size': 32, 'val_size': 0.2, 'test_size': 0.2}, 'wavelet': None,
+        'model': {'weights': None},
+        'train': {'epochs': 1, 'batch_size': 8, 'steps_per_epoch': 2, 'validation_steps': 1}}
+
+
+def tiny_model(config=None, seed=None):
+    "A small conv net with the contract's interface (float32 [0, 1] images in, one sigmoid unit out)."
+    if seed is not None: seed_everything(seed)
+    size = 32 if config is None else T.load_config(config).data.image_size
+    x = inp = keras.Input((size, size, 1))
+    x = keras.layers.Conv2D(4, 3, strides=2, activation='relu')(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    return keras.Model(inp, keras.layers.Dense(1, activation='sigmoid')(x))
+
+
+@pytest.fixture(scope='module')
+def cache_env(tmp_path_factory):
+    "Private cache/runs folders for this module."
+    root = tmp_path_factory.mktemp('train')
+    old = {k: os.environ.get(k) for k in ('BREAST_CANCER_CACHE', 'BREAST_CANCER_RUNS')}
+    os.environ['BREAST_CANCER_CACHE'] = str(root/'cache'); os.environ['BREAST_CANCER_RUNS'] = str(root/'runs')
+    yield root
+    for k, v in old.items():
+        if v is None: os.environ.pop(k, None)
+        else: os.environ[k] = v
+
+
+@pytest.fixture(scope='module')
+def manifest(cache_env, mias_sample):
+    "A 60-image stratified subset of the bundled MIAS sample, split by patient and cached at 32 px."
+    c = T.load_config({**TINY, 'data': {**TINY['data'], 'max_images': 60}})
+    m = T.ensure_split(T.load_manifest(c), c)
+    return T.cache_manifest(m, c, progress=False)
+
+
+# ---------------------------------------------------------------- config
+def test_config_errors_name_key_and_allowed(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train.epoch' \(did you mean 'epochs'\?\)"):
+        T.load_config({'train': {'epoch': 3}})
+    with pytest.raises(ConfigError, match=r"unknown config key 'bogus'.*allowed keys in the top level are name, task"):
+        T.load_config({'bogus': 1})
+    with pytest.raises(ConfigError, match=r"'train.clr.mode': 'cosine'; allowed: one of 'triangular', 'triangular2', 'exp_range'"):
+        T.load_config({'train': {'clr': {'mode': 'cosine'}}})
+    with pytest.raises(ConfigError, match=r"'task': 'three'; allowed: one of 'cascade', 'binary'"):
+        T.load_config({'task': 'three'})
+    with pytest.raises(ConfigError, match=r"'train.batch_size': 0; allowed: an integer >= 1"):
+        T.load_config({'train': {'batch_size': 0}})
+    with pytest.raises(ConfigError, match=r"'train.augment.rotation': 270"):
+        T.load_config({'train': {'augment': {'rotation': 270}}})
+    with pytest.raises(ConfigError, match="wavelet"):
+        T.load_config({'wavelet': {'wavelet': 'db4', 'levels': 4}})
+    bad = tmp_path/'bad.yaml'; bad.write_text('train:\n  epochs: 2\n  optimiser: sgd\n')
+    with pytest.raises(ConfigError, match=rf"'train.optimiser' \(did you mean 'optimizer'\?\).*in {bad}"):
+        T.load_config(bad)
+    with pytest.raises(ConfigError, match='not found'): T.load_config(tmp_path/'missing.yaml')
+
+
+def test_presets_load_and_round_trip(repo_root):
+    for name in ('demo', 'paper_resnet50_cascade'):
+        c = T.load_config(repo_root/'configs'/f'{name}.yaml')
+        assert T.load_config(c.to_dict()) == c
+    paper = T.load_config(repo_root/'configs'/'paper_resnet50_cascade.yaml')
+    assert (paper.model.backbone, paper.model.weights, paper.train.epochs, paper.train.batch_size) == ('resnet50', 'imagenet', 20, 32)
+    assert paper.wavelet['level'] == 4 and paper.wavelet['wavelet'].startswith('db')
+    demo = T.load_config(repo_root/'configs'/'demo.yaml')
+    assert demo.model.weights is None and demo.data.image_size <= 64 and demo.task == 'cascade'
+
+
+# ---------------------------------------------------------------- pipeline
+def test_dataset_matches_cache_and_targets(manifest):
+    c = T.load_config(TINY)
+    val = manifest[manifest.split == 'val']
+    x, y = next(iter(T.make_dataset(val, c, training=False, target='abnormal', batch_size=len(val))))
+    assert x.shape == (len(val), 32, 32, 1) and float(x.numpy().min()) >= 0 and float(x.numpy().max()) <= 1
+    np.testing.assert_array_equal(y.numpy(), val['abnormal'].to_numpy().astype('float32'))
+    first = data.load_cached(val['cache_path'].iloc[0])      # square 32 px cache: no padding, so equal to the cache
+    np.testing.assert_allclose(x.numpy()[0, ..., 0], first, atol=1e-5)
+    _, y2 = next(iter(T.make_dataset(manifest, c, training=False, target='malignant', batch_size=1000)))
+    assert len(y2) == int(manifest['malignant'].notna().sum())  # stage 2 sees abnormal images only
+
+
+def test_augmentation_changes_images_reproducibly(manifest):
+    c = T.load_config({**TINY, 'train': {**TINY['train'], 'augment': {'rotation': 90, 'flip': 'both', 'shear': 10}}})
+    rows = manifest[manifest.split == 'train']
+    a = next(iter(T.make_dataset(rows, c, training=True)))[0].numpy()
+    b = next(iter(T.make_dataset(rows, c, training=True)))[0].numpy()
+    np.testing.assert_array_equal(a, b)                       # same seed, same batch
+    plain = next(iter(T.make_dataset(rows, c.replace(**{'train.augment.enabled': False}), training=True)))[0].numpy()
+    assert np.abs(a - plain).mean() > 0.01                    # augmentation did something
+    assert a.min() >= 0 and a.max() <= 1
+
+
+def test_oversampling_balances_the_epoch(manifest):
+    c = T.load_config({**TINY, 'train': {**TINY['train'], 'steps_per_epoch': None, 'class_imbalance': 'oversample',
+                                         'augment': {'enabled': False}}})
+    rows = manifest[manifest.split == 'train']
+    ys = np.concatenate([y.numpy() for _, y in T.make_dataset(rows, c, training=True)])
+    n_major = max(rows['abnormal'].sum(), (~rows['abnormal']).sum())
+    assert len(ys) == 2 * n_major and ys.sum() == n_major
+
+
+def test_roi_mode_crops_the_lesion(cache_env, mias_sample):
+    c = T.load_config({**TINY, 'data': {'image_size': 32, 'input': 'roi', 'roi_context': 0.0}})
+    m = data.load_dataset('mias')
+    m = m[m.image_id == 'mdb001']                              # one large circumscribed mass
+    m = T.cache_manifest(m, c, progress=False)
+    full = data.load_cached(m['cache_path'].iloc[0]); les = m['lesions'].iloc[0][0]
+    x = next(iter(T.make_dataset(m, c, training=False, batch_size=1)))[0].numpy()[0, ..., 0]
+    r0, c0, rad = int(les['row']), int(les['col']), int(les['radius'])
+    crop = full[max(0, r0-rad):r0+rad, max(0, c0-rad):c0+rad]
+    assert abs(x.mean() - crop.mean()) < 0.05 and abs(x.mean() - full.mean()) > 0.05
+
+
+# ---------------------------------------------------------------- train, run folder, resume, determinism
+class StopAfter(keras.callbacks.Callback):
+    "Simulate a killed run: raise at the end of epoch `n` (0-based)."
+    def __init__(self, n): super().__init__(); self.n = n
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.n: raise KeyboardInterrupt(f'killed after epoch {epoch}')
+
+
+class Epochs(keras.callbacks.Callback):
+    def __init__(self): super().__init__(); self.seen = []
+    def on_epoch_begin(self, epoch, logs=None): self.seen.append(epoch)
+
+
+def test_run_folder_contents(manifest, tmp_path):
+    c = T.load_config(TINY)
+    T.train(tiny_model(seed=0), manifest, c, run_dir=tmp_path, stage='stage1', verbose=0)
+    for f in ('config.yaml', 'split.csv', 'metadata.json', 'stage1/model.keras', 'stage1/history.csv',
+              'stage1/history.json', 'stage1/checkpoints/best.keras'):
+        assert (tmp_path/f).exists(), f
+    assert T.load_config(tmp_path/'config.yaml') == c
+    md = json.loads((tmp_path/'metadata.json').read_text())
+    assert md['manifest_hash'] == T.manifest_hash(manifest) and md['n_images'] == len(manifest)
+    assert md['packages']['keras'] and md['hardware']['cpu_count'] and 'tf_devices' in md['hardware'] and 'git_commit' in md
+    split = pd.read_csv(tmp_path/'split.csv')
+    assert split.groupby('patient_id')['split'].nunique().max() == 1  # no patient in two splits
+    hist = json.loads((tmp_path/'stage1'/'history.json').read_text())
+    assert {'loss', 'val_loss', 'accuracy', 'auc', 'precision', 'sensitivity', 'specificity'} <= set(hist)
+
+
+def test_resume_continues_from_the_saved_epoch(manifest, tmp_path):
+    c = T.load_config({**TINY, 'train': {**TINY['train'], 'epochs': 4}})
+    net = tiny_model(seed=0)
+    with pytest.raises(KeyboardInterrupt):
+        T.train(net, manifest, c, run_dir=tmp_path, verbose=0, callbacks=[StopAfter(1)])
+    log = pd.read_csv(tmp_path/'stage1'/'history.csv')
+    assert log['epoch'].tolist() == [0, 1] and not (tmp_path/'stage1'/'model.keras').exists()
+    seen = Epochs()
+    T.train(tiny_model(seed=1), manifest, c, run_dir=tmp_path, verbose=0, callbacks=[seen])  # a fresh process would do this
+    assert seen.seen == [2, 3]                                # continued at epoch 2, not from scratch
+    log = pd.read_csv(tmp_path/'stage1'/'history.csv')
+    assert log['epoch'].tolist() == [0, 1, 2, 3]              # the CSV log was appended to, header once
+    assert json.loads((tmp_path/'stage1'/'history.json').read_text())['epoch'] == [0, 1, 2, 3]
+    assert (tmp_path/'stage1'/'model.keras').exists() and not any((tmp_path/'stage1'/'backup').glob('*'))
+
+
+def test_deterministic_for_a_seed(manifest, tmp_path):
+    c = T.load_config({**TINY, 'train': {**TINY['train'], 'epochs': 2}})
+    runs = []
+    for i, seed in enumerate((0, 0, 1)):
+        cs = c.replace(seed=seed)
+        h = T.train(tiny_model(seed=seed), manifest, cs, run_dir=tmp_path/f'r{i}', verbose=0)
+        runs.append((h.history['loss'], keras.saving.load_model(tmp_path/f'r{i}'/'stage1'/'model.keras').get_weights()))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1]): np.testing.assert_array_equal(a, b)
+    assert runs[0][0] != runs[2][0]
+
+
+def test_no_validation_rows_is_a_clear_error(manifest, tmp_path):
+    c = T.load_config(TINY).replace(**{'data.val_size': 0.0})
+    with pytest.raises(DataError, match=r'no validation rows for stage1 \(abnormal\): set data.val_size > 0'):
+        T.train(tiny_model(), manifest.drop(columns='split'), c, run_dir=tmp_path, verbose=0)
