@@ -1,0 +1,340 @@
+"""breast_cancer.model: CLR == TFA's formula (also inside SGD), saving every head × named schedule, weights offline and
+from a file, freezing/BN during fine-tuning, lr_find leaves the model untouched, MirroredStrategy on 2 logical CPUs."""
+import json, os, subprocess, sys, textwrap, time
+from pathlib import Path
+import numpy as np
+import pytest
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+import keras
+import tensorflow as tf
+from breast_cancer.core import ConfigError, WeightsUnavailableError
+from breast_cancer.model import (BACKBONES, HEADS, BackbonePreprocess, CyclicalLearningRate,
+                                 ExponentialCyclicalLearningRate, Specificity, Triangular2CyclicalLearningRate,
+                                 TriangularCyclicalLearningRate, backbone_blocks, build_model, build_resnet50,
+                                 compile_model, fine_tune, get_backbone, lr_find, resolve_weights,
+                                 set_trainable_blocks, use_mixed_precision)
+
+F = np.float32
+SIZE = 32
+
+
+def tfa_clr(step, initial, maximal, step_size, scale_fn, scale_mode):
+    "tensorflow-addons' CyclicalLearningRate.__call__, op for op, in NumPy float32 (Keras 2 passed a float32 step)."
+    initial, maximal, step_size, step = F(initial), F(maximal), F(step_size), F(step)
+    cycle = np.floor(F(1) + step / (F(2) * step_size))
+    x = np.abs(step / step_size - F(2) * cycle + F(1))
+    mode_step = cycle if scale_mode == 'cycle' else step
+    return F(initial + (maximal - initial) * np.maximum(F(0), F(1) - x) * F(scale_fn(mode_step)))
+
+
+POLICIES = {  # name: (our schedule, TFA's scale_fn, TFA's scale_mode)
+    'triangular': (lambda a, b, s: TriangularCyclicalLearningRate(a, b, s), lambda x: F(1.0), 'cycle'),
+    'triangular2': (lambda a, b, s: Triangular2CyclicalLearningRate(a, b, s), lambda x: F(1) / (F(2) ** (x - F(1))), 'cycle'),
+    'exp_range': (lambda a, b, s: ExponentialCyclicalLearningRate(a, b, s, gamma=0.99), lambda x: F(0.99) ** x, 'iterations'),
+}
+
+
+@pytest.mark.parametrize('policy', list(POLICIES))
+@pytest.mark.parametrize('bounds', [(1e-4, 1e-2, 7), (1e-3, 6e-3, 10)])
+def test_clr_matches_tfa_formula(policy, bounds):
+    make, scale_fn, mode = POLICIES[policy]
+    schedule = make(*bounds)
+    steps = np.arange(101)
+    ours = keras.ops.convert_to_numpy(schedule(steps))
+    ref = np.array([tfa_clr(i, *bounds, scale_fn, mode) for i in steps])
+    assert ours.dtype == np.float32
+    np.testing.assert_allclose(ours, ref, rtol=2e-7, atol=0)
+    # scalar int64 steps (what the optimizer passes) give the same values
+    np.testing.assert_allclose([float(schedule(tf.constant(i, tf.int64))) for i in (0, 13, 100)], ref[[0, 13, 100]], rtol=2e-7)
+    # the shape is right, not just self-consistent: lower bound at step 0, upper bound at the first peak
+    assert ours[0] == F(bounds[0])
+    np.testing.assert_allclose(ours[bounds[2]], F(bounds[0]) + (F(bounds[1]) - F(bounds[0])) *
+                               (F(0.99) ** bounds[2] if policy == 'exp_range' else 1), rtol=1e-6)
+
+
+def test_thesis_call_runs_unchanged_and_equals_triangular2():
+    SAMPLE_SIZE, BATCH_SIZE = 1000, 32
+    clr = CyclicalLearningRate(initial_learning_rate=1e-4, maximal_learning_rate=1e-2,
+                               step_size=3*(SAMPLE_SIZE//BATCH_SIZE), scale_fn=lambda x: 1/(2.0**(x-1)), scale_mode='cycle')
+    steps = np.arange(0, 600, 7)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(clr(steps)),
+                                  keras.ops.convert_to_numpy(Triangular2CyclicalLearningRate(1e-4, 1e-2, 93)(steps)))
+    with pytest.raises(ConfigError, match='custom scale_fn cannot be serialized'):
+        clr.get_config()
+    # no scale_fn = triangular, and it serializes
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(CyclicalLearningRate(1e-4, 1e-2, 93)(steps)),
+                                  keras.ops.convert_to_numpy(TriangularCyclicalLearningRate(1e-4, 1e-2, 93)(steps)))
+
+
+@pytest.mark.parametrize('policy', list(POLICIES))
+def test_clr_applied_by_keras_sgd_equals_schedule(policy):
+    "Single weight, gradient exactly 1, no momentum: the update at iteration i is -lr(i), inside a tf.function."
+    schedule = POLICIES[policy][0](1e-4, 1e-2, 5)
+    opt = keras.optimizers.SGD(learning_rate=schedule, momentum=0.0)
+    w = keras.Variable(np.zeros(1, 'float32'))
+    step = tf.function(lambda: opt.apply_gradients([(tf.ones(1), w)]))
+    applied, reported = [], []
+    for _ in range(40):
+        reported.append(float(keras.ops.convert_to_numpy(opt.learning_rate)))
+        w.assign(np.zeros(1, 'float32')); step(); applied.append(-float(w.numpy()[0]))
+    expected = keras.ops.convert_to_numpy(schedule(np.arange(40)))
+    np.testing.assert_array_equal(np.array(applied, 'float32'), expected)
+    np.testing.assert_array_equal(np.array(reported, 'float32'), expected)
+    assert len(set(applied)) > 5                       # the rate really changes between updates
+
+
+def test_clr_bad_arguments():
+    with pytest.raises(ConfigError, match='scale_mode'): CyclicalLearningRate(1e-4, 1e-2, 5, scale_mode='epochs')
+    with pytest.raises(ConfigError, match='step_size'): CyclicalLearningRate(1e-4, 1e-2, 0)
+
+
+def test_specificity_matches_sklearn():
+    from sklearn.metrics import confusion_matrix
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 500); p = np.clip(0.3 * y + rng.random(500) * 0.7, 0, 1).astype('float32')
+    w = rng.random(500).astype('float32')
+    m = Specificity()
+    for a in range(0, 500, 64): m.update_state(y[a:a+64], p[a:a+64, None])     # accumulates over batches
+    tn, fp, _, _ = confusion_matrix(y, p > 0.5).ravel()
+    np.testing.assert_allclose(float(m.result()), tn / (tn + fp), rtol=1e-6)
+    m.reset_state(); m.update_state(y, p, sample_weight=w)
+    tn, fp, _, _ = confusion_matrix(y, p > 0.5, sample_weight=w).ravel()
+    np.testing.assert_allclose(float(m.result()), tn / (tn + fp), rtol=1e-5)
+    m = Specificity(threshold=0.7); m.update_state(y, p)
+    tn, fp, _, _ = confusion_matrix(y, p > 0.7).ravel()
+    np.testing.assert_allclose(float(m.result()), tn / (tn + fp), rtol=1e-6)
+    m.reset_state(); assert float(m.result()) == 0.0
+
+
+SCHEDULES = {'triangular': TriangularCyclicalLearningRate(1e-4, 1e-2, 6),
+             'triangular2': Triangular2CyclicalLearningRate(1e-4, 1e-2, 6),
+             'exp_range': ExponentialCyclicalLearningRate(1e-4, 1e-2, 6, gamma=0.99)}
+
+
+@pytest.fixture(scope='module')
+def images():
+    return np.random.default_rng(0).random((3, SIZE, SIZE, 1), dtype='float32')
+
+
+@pytest.mark.parametrize('schedule', list(SCHEDULES))
+@pytest.mark.parametrize('head', HEADS)
+def test_save_load_every_head_and_schedule(head, schedule, images, tmp_path):
+    model = build_resnet50((SIZE, SIZE, 1), weights=None, head=head)
+    compile_model(model, SCHEDULES[schedule])
+    model.optimizer.build(model.trainable_variables)
+    model.optimizer.iterations.assign(17)
+    before = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+    path = tmp_path / 'model.keras'
+    model.save(path)
+    loaded = keras.models.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded.predict(images, verbose=0)), before)
+    lr = loaded.optimizer.get_config()['learning_rate']
+    assert lr['registered_name'] == f'breast_cancer>{type(SCHEDULES[schedule]).__name__}'
+    assert lr['config'] == SCHEDULES[schedule].get_config()
+    assert int(loaded.optimizer.iterations.numpy()) == 17
+    assert float(loaded.optimizer.learning_rate) == pytest.approx(float(SCHEDULES[schedule](17)), rel=1e-7)
+    assert [m['config']['name'] for m in loaded.get_compile_config()['metrics']][-1] == 'specificity'
+    assert len(loaded.trainable_weights) == len(model.trainable_weights)
+
+
+def test_custom_scale_fn_model_does_not_save_silently(tmp_path):
+    model = compile_model(build_resnet50((SIZE, SIZE, 1), weights=None),
+                          CyclicalLearningRate(1e-4, 1e-2, 6, scale_fn=lambda x: 1 / (2.0 ** (x - 1))))
+    with pytest.raises(ConfigError, match='Triangular2CyclicalLearningRate'):
+        model.save(tmp_path / 'model.keras')
+
+
+def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
+    # an empty Keras cache, and a probe that cannot connect (TEST-NET-1 never answers) = offline on any machine
+    monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
+    monkeypatch.setenv('HTTPS_PROXY', 'http://192.0.2.1:9')
+    t0 = time.monotonic()
+    with pytest.raises(WeightsUnavailableError) as e:
+        build_resnet50((SIZE, SIZE, 1), weights='imagenet')
+    print(f'offline error after {time.monotonic() - t0:.2f} s')
+    msg = str(e.value)
+    assert 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5' in msg
+    assert ('https://storage.googleapis.com/tensorflow/keras-applications/resnet/'
+            'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5') in msg
+    assert str(tmp_path / 'keras' / 'models') in msg and 'weights=' in msg
+
+
+def test_imagenet_uses_the_keras_cache_when_present(tmp_path, monkeypatch):
+    "A file already in $KERAS_HOME/models is used without touching the network (md5 checked by Keras)."
+    monkeypatch.setenv('KERAS_HOME', str(tmp_path))
+    monkeypatch.setenv('HTTPS_PROXY', 'http://192.0.2.1:9')
+    (tmp_path / 'models').mkdir()
+    (tmp_path / 'models' / BACKBONES['vgg16'].weights_file).write_bytes(b'not the real file')
+    # the cached file is found (no probe), Keras's md5 check rejects it and tries to re-download: a clear error again
+    with pytest.raises(WeightsUnavailableError, match='vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5'):
+        resolve_weights('vgg16', 'imagenet')
+
+
+@pytest.mark.parametrize('fmt', ['legacy_notop_h5', 'keras3_weights_h5'])
+def test_weights_path_loads(fmt, tmp_path, images):
+    source = build_resnet50((SIZE, SIZE, 1), weights=None)
+    backbone = get_backbone(source)
+    if fmt == 'legacy_notop_h5':   # the format of keras-applications' resnet50_..._notop.h5
+        import h5py
+        from keras.src.legacy.saving import legacy_h5_format
+        path = tmp_path / BACKBONES['resnet50'].weights_file
+        with h5py.File(path, 'w') as f: legacy_h5_format.save_weights_to_hdf5_group(f, backbone)
+    else:
+        path = tmp_path / 'resnet50_notop.weights.h5'; backbone.save_weights(path)
+    target = build_resnet50((SIZE, SIZE, 1), weights=path)
+    target.get_layer('p_positive').set_weights(source.get_layer('p_positive').get_weights())
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(target.predict(images, verbose=0)),
+                                  keras.ops.convert_to_numpy(source.predict(images, verbose=0)))
+    fresh = build_resnet50((SIZE, SIZE, 1), weights=None)
+    assert not np.array_equal(get_backbone(fresh).weights[0].numpy(), backbone.weights[0].numpy())
+
+
+def test_wrong_weights_file_is_a_clear_error(tmp_path):
+    path = tmp_path / 'vgg16_notop.weights.h5'
+    get_backbone(build_model('vgg16', (SIZE, SIZE, 1), weights=None)).save_weights(path)
+    with pytest.raises(WeightsUnavailableError, match='resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5'):
+        build_resnet50((SIZE, SIZE, 1), weights=path)
+    with pytest.raises(WeightsUnavailableError, match='not found'):
+        build_resnet50((SIZE, SIZE, 1), weights=tmp_path / 'missing.h5')
+
+
+@pytest.mark.parametrize('name,shape,n_blocks,top', [('vgg16', (32, 32, 3), 5, 'block5'), ('vgg19', (32, 32, 1), 5, 'block5'),
+                                                     ('inception_v3', (75, 75, 1), 11, 'mixed10'),
+                                                     ('resnet50', (32, 48, 1), 16, 'conv5_block3')])
+def test_backbones_blocks_and_preprocessing(name, shape, n_blocks, top):
+    model = build_model(name, shape, weights=None)
+    backbone = get_backbone(model)
+    blocks = backbone_blocks(backbone)
+    assert len(blocks) == n_blocks and blocks[-1][0] == top
+    assert len({id(l) for _, ls in blocks for l in ls}) == sum(len(ls) for _, ls in blocks)   # no layer in two blocks
+    x = np.random.default_rng(0).random((2, *shape), dtype='float32')
+    pre = keras.ops.convert_to_numpy(model.get_layer('preprocess')(x))
+    rgb = np.repeat(x, 3, -1) if shape[-1] == 1 else x
+    module = getattr(keras.applications, BACKBONES[name].module)
+    np.testing.assert_allclose(pre, module.preprocess_input(rgb * 255), atol=1e-4)
+    assert model.input_shape == (None, *shape) and model.output_shape == (None, 1)
+    with pytest.raises(ConfigError, match=f'at least {BACKBONES[name].min_size}'):
+        build_model(name, (BACKBONES[name].min_size - 1,) * 2 + (1,), weights=None)
+
+
+def test_default_input_sizes():
+    assert {n: b.default_size for n, b in BACKBONES.items()} == {'resnet50': 224, 'vgg16': 224, 'vgg19': 224, 'inception_v3': 299}
+
+
+def test_freeze_options_and_bn_always_frozen():
+    model = build_resnet50((SIZE, SIZE, 1), weights=None, head='dense512_bn', freeze='none')
+    backbone = get_backbone(model)
+    bns = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns and not any(l.trainable for l in bns)
+    assert all(l.trainable for l in backbone.layers if l not in bns)
+    assert model.get_layer('head_bn').trainable
+    assert set_trainable_blocks(model, 'base') == [] and not backbone.trainable_weights
+    names = set_trainable_blocks(model, 3)
+    assert names == ['conv5_block3', 'conv5_block2', 'conv5_block1']
+    trainable = {w.path.split('/')[0] for w in backbone.trainable_weights}
+    assert trainable and all(n.startswith('conv5_') and not n.endswith('_bn') for n in trainable)
+    assert 'conv5_block1_0_conv' in trainable          # the projection shortcut belongs to its block
+    with pytest.raises(ConfigError, match="'base', 'none'"): set_trainable_blocks(model, 'all')
+    with pytest.raises(ConfigError, match='0 to 16'): set_trainable_blocks(model, -1)
+
+
+def test_fine_tune_two_phases_keeps_bn_in_inference(images):
+    model = build_resnet50((SIZE, SIZE, 1), weights=None, dropout=0.0)
+    backbone = get_backbone(model)
+    # called in training mode, the model still uses BN moving statistics (backbone called with training=False)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(images, training=True)),
+                                  keras.ops.convert_to_numpy(model(images, training=False)))
+    rng = np.random.default_rng(0)
+    ds = tf.data.Dataset.from_tensor_slices((rng.random((8, SIZE, SIZE, 1), dtype='float32'),
+                                             np.array([0, 1] * 4, 'float32'))).batch(4)
+    snap = lambda: {w.path: w.numpy().copy() for w in backbone.weights}
+    start = snap()
+    hist = fine_tune(model, ds, ds, head_epochs=1, finetune_epochs=1, unfreeze_blocks=1, lr_head=1e-2,
+                     lr_finetune=Triangular2CyclicalLearningRate(1e-3, 1e-2, 2), verbose=0)
+    assert hist['head'].epoch == [0] and hist['finetune'].epoch == [1]
+    assert {'val_auc', 'specificity', 'sensitivity'} <= set(hist['finetune'].history)
+    end = snap()
+    changed = {p for p in start if not np.array_equal(start[p], end[p])}
+    assert changed, 'the top block did not train'
+    assert all(p.startswith('conv5_block3_') and '_bn/' not in p for p in changed), sorted(changed)[:5]
+    assert any('moving_mean' in p for p in start)        # the BN statistics were among the weights compared
+
+
+def test_lr_find_leaves_model_and_optimizer_untouched(images):
+    model = compile_model(build_resnet50((SIZE, SIZE, 1), weights=None), ExponentialCyclicalLearningRate(1e-4, 1e-2, 4, gamma=0.99))
+    model.optimizer.build(model.trainable_variables)
+    for v in model.optimizer.variables: v.assign(np.full(v.shape, 0.25, v.dtype) if v.dtype != 'int64' else np.full(v.shape, 3))
+    weights = [w.numpy().copy() for w in model.weights]
+    opt_state = [v.numpy().copy() for v in model.optimizer.variables]
+    ds = tf.data.Dataset.from_tensor_slices((np.repeat(images, 2, 0), np.array([0, 1, 0, 1, 1, 0], 'float32'))).batch(3)
+    res = lr_find(model, ds, min_lr=1e-5, max_lr=1e-1, num_steps=6, progress=False)
+    for a, w in zip(weights, model.weights): np.testing.assert_array_equal(a, w.numpy())
+    for a, v in zip(opt_state, model.optimizer.variables): np.testing.assert_array_equal(a, v.numpy())
+    assert len(res.lrs) == len(res.losses) >= 2 and np.isfinite(res.losses).all()
+    np.testing.assert_allclose(res.lrs[:2], [1e-5, 1e-5 * (1e4) ** (1 / 5)], rtol=1e-9)
+    lo, hi = res.suggested_bounds
+    assert hi == pytest.approx(res.lr_min_loss / 10) and lo == pytest.approx(hi / 4)
+    assert res.plot() is not None
+
+
+def test_lr_find_finds_the_divergence():
+    "On a problem with a known shape the suggestion lands below the LR where the loss blows up."
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(512, 4)).astype('float32'); y = (x @ np.array([1., -2., .5, 1.]) + rng.normal(size=512) > 0).astype('float32')
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(16, activation='relu'), keras.layers.Dense(1, activation='sigmoid')])
+    model.compile(optimizer=keras.optimizers.SGD(momentum=0.9), loss='binary_crossentropy')
+    res = lr_find(model, (x, y), min_lr=1e-5, max_lr=1e3, num_steps=150, progress=False)
+    diverged_at = res.lrs[-1]
+    print(f'{len(res.lrs)} steps, min loss at {res.lr_min_loss:.3g}, stopped at {diverged_at:.3g}, bounds {res.suggested_bounds}')
+    assert res.smoothed_losses.min() < 0.8 * res.smoothed_losses[0]
+    assert res.suggested_bounds[1] < res.lr_min_loss < diverged_at
+    with pytest.raises(ConfigError, match='not compiled'):
+        lr_find(keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]), (x, y), num_steps=3)
+
+
+def test_mixed_precision_policy_keeps_float32_output():
+    assert use_mixed_precision(True) == ('mixed_float16' if tf.config.list_physical_devices('GPU') else 'float32')
+    try:
+        keras.mixed_precision.set_global_policy('mixed_float16')    # forced, to check the layer dtypes on CPU
+        model = build_resnet50((SIZE, SIZE, 1), weights=None, head='avgpool_dense')
+        assert get_backbone(model).get_layer('conv1_conv').compute_dtype == 'float16'
+        assert model.get_layer('preprocess').compute_dtype == 'float32'
+        assert model.get_layer('p_positive').compute_dtype == 'float32'
+        assert model.output.dtype == 'float32'
+    finally:
+        assert use_mixed_precision(False) == 'float32'
+    assert keras.mixed_precision.global_policy().name == 'float32'
+
+
+MIRRORED = textwrap.dedent('''
+    import json, os, sys
+    os.environ['TF_CPP_MIN_LOG_LEVEL'] = '2'
+    import numpy as np, tensorflow as tf
+    cpu = tf.config.list_physical_devices('CPU')[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras
+    from breast_cancer.model import build_resnet50, compile_model, Triangular2CyclicalLearningRate
+    strategy = tf.distribute.MirroredStrategy(['/cpu:0', '/cpu:1'])
+    model = build_resnet50((32, 32, 1), weights=None, freeze=1, strategy=strategy)
+    compile_model(model, Triangular2CyclicalLearningRate(1e-3, 1e-2, 2), strategy=strategy)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 32, 32, 1), dtype='float32'), np.array([0, 1] * 4, 'float32')
+    before = [w.numpy().copy() for w in model.trainable_weights]
+    hist = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    changed = sum(not np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights))
+    print(json.dumps(dict(replicas=strategy.num_replicas_in_sync, loss=hist.history['loss'][0],
+                          changed=changed, trainable=len(before), iterations=int(model.optimizer.iterations.numpy()),
+                          variable_type=type(model.trainable_weights[0].value).__name__)))
+''')
+
+
+def test_mirrored_strategy_two_logical_cpus_trains_a_step(tmp_path):
+    script = tmp_path / 'mirrored.py'; script.write_text(MIRRORED)
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    print(out)
+    assert out['replicas'] == 2 and out['iterations'] == 1 and np.isfinite(out['loss'])
+    assert out['changed'] == out['trainable'] > 2          # head and the unfrozen block both updated
+    assert 'Mirrored' in out['variable_type']
