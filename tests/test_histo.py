@@ -206,3 +206,26 @@ def test_stain_normalizer_as_cache_transform(breakhis_sample, tmp_path):
     src = bc_data.read_image(m.image_path[0])
     np.testing.assert_allclose(a.mean((0, 1)), bc_data._resize_longer(sn(src), 64).mean((0, 1)), atol=2e-3)
     np.testing.assert_array_equal(stain_normalize(src, target, 'reinhard'), sn(src))
+
+
+@pytest.mark.parametrize('preset,dataset', [('breakhis_resnet50', 'breakhis'), ('idc_resnet50', 'idc')])
+def test_presets(repo_root, preset, dataset):
+    from breast_cancer.train import load_config
+    c = load_config(repo_root/'configs'/f'{preset}.yaml')
+    assert c.task == 'binary' and c.name == preset and [d['name'] for d in c.datasets] == [dataset]
+    assert c.data.channels == 3 and c.model.backbone == 'resnet50' and c.model.head == 'gap' and c.model.weights == 'imagenet'
+    a = c.train.augment
+    assert a.enabled and a.rotation == 90 and a.flip == 'both' and a.zoom > 0 and a.shear > 0 and a.fill_mode == 'reflect'
+    assert c.wavelet is None
+    if dataset == 'breakhis': assert c.train.class_imbalance == 'oversample' and c.data.image_size == 224
+    else: assert c.data.cache_size == 50 and c.data.image_size >= 96
+
+
+def test_breakhis_preset_manifest(repo_root):
+    "The preset's dataset options reach load_breakhis through train.load_manifest (bundled sample: no Folds.csv)."
+    from breast_cancer.train import load_config, load_manifest
+    c = load_config(repo_root/'configs'/'breakhis_resnet50.yaml')
+    m = load_manifest(c)
+    assert len(m) == 12 and set(m.label) == {'benign', 'malignant'} and 'split' not in m
+    m40 = load_manifest(c.replace(**{'datasets': [{'name': 'breakhis', 'options': {'magnification': 40}}]}))
+    assert len(m40) == 9
