@@ -365,3 +365,17 @@ def test_real_pgms_verify(repo_root, shared_data):
 def test_package_copy_of_checksums_matches(repo_root):
     "breast_cancer/checksums/mias.sha256 (for pip installs, e.g. Colab) must equal data/checksums/mias.sha256."
     assert (repo_root / 'breast_cancer/checksums/mias.sha256').read_bytes() == (repo_root / 'data/checksums/mias.sha256').read_bytes()
+
+# ---------------------------------------------------------------- across modules
+def test_every_registered_loader_resolves():
+    for name in DATASETS: assert callable(get_loader(name)), name
+
+def test_mias_split_then_cache_end_to_end(mias_sample, tmp_path):
+    "load -> patient split -> cache at 64 px with 2 processes -> the cached arrays are the resized source images."
+    m = patient_split(load_mias(mias_sample), seed=2).groupby('split').head(8)
+    c = cache_images(m, size=64, cache_root=tmp_path, workers=2, progress=False)
+    assert c.split.tolist() == m.split.tolist() and c.cache_path.is_unique
+    for r in c.head(3).itertuples():
+        x = load_cached(r.cache_path)
+        assert x.shape == (64, 64) and 0 <= x.min() and x.max() <= 1
+        assert abs(float(x.mean()) - float(read_image(r.image_path).mean())) < 0.01
