@@ -9,8 +9,9 @@ from PIL import Image
 
 from breast_cancer.core import ConfigError, DataError
 from breast_cancer import data as bc_data
-from breast_cancer.histo import (BREAKHIS_TUMOR_TYPES, StainNormalizer, bench_load_idc, idc_slide_map, load_breakhis,
-                                 load_idc, make_idc_tree, parse_breakhis_names, plot_idc_slide_map, stain_normalize)
+from breast_cancer.histo import (BREAKHIS_TUMOR_TYPES, StainNormalizer, bench_load_idc, chain_transforms, idc_slide_map,
+                                 load_breakhis, load_idc, make_idc_tree, parse_breakhis_names, plot_idc_slide_map,
+                                 stain_normalize)
 
 SAMPLE_NAMES = sorted(n for n in os.listdir(Path(__file__).resolve().parents[1]/'data'/'breakhis-sample') if n.endswith('.png'))
 FOLDER = {'A': 'adenosis', 'F': 'fibroadenoma', 'PT': 'phyllodes_tumor', 'TA': 'tubular_adenoma',
@@ -229,3 +230,20 @@ def test_breakhis_preset_manifest(repo_root):
     assert len(m) == 12 and set(m.label) == {'benign', 'malignant'} and 'split' not in m
     m40 = load_manifest(c.replace(**{'datasets': [{'name': 'breakhis', 'options': {'magnification': 40}}]}))
     assert len(m40) == 9
+
+
+def test_stain_then_wavelet_chain_in_process_pool(idc_tree, tmp_path):
+    "A StainNormalizer chained with a channel-wise WaveletPreprocessor caches RGB patches in worker processes."
+    from breast_cancer.wavelet import WaveletPreprocessor
+    m = load_idc(idc_tree).head(4)
+    sn = StainNormalizer('macenko', target=m.image_path[1])
+    wp = WaveletPreprocessor(wavelet='db2', level=2)
+    chain = chain_transforms(sn, wp)
+    out = bc_data.cache_images(m, size=None, transform=chain, cache_root=tmp_path, workers=2, progress=False)
+    got = bc_data.load_cached(out.cache_path[0])
+    want = wp(sn(bc_data.read_image(m.image_path[0])))
+    assert got.shape == (50, 50, 3)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    again = bc_data.cache_images(m, size=None, transform=chain_transforms(StainNormalizer('reinhard', target=m.image_path[1]), wp),
+                                 cache_root=tmp_path, workers=1, progress=False)
+    assert set(again.cache_path).isdisjoint(out.cache_path)   # another stain method is another cache entry
