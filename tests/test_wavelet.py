@@ -216,3 +216,15 @@ def test_module_entry_point_runs_benchmark(repo_root):
                           '--workers', '1', '--repeats', '1'], capture_output=True, text=True, cwd=repo_root, timeout=300)
     assert res.returncode == 0, res.stderr
     assert 'speed ratio' in res.stdout and 'scaling efficiency' in res.stdout and 'PSNR vs clean' in res.stdout
+
+
+def test_bench_images_fall_back_to_bundled_then_synthetic(monkeypatch, repo_root, tmp_path):
+    import breast_cancer.wavelet as wl
+    monkeypatch.setattr(wl, 'project_root', lambda: None)                      # no ../shared full-resolution films
+    monkeypatch.setenv('BREAST_CANCER_DATA', str(repo_root / 'data'))          # only the bundled 256-px sample
+    images, source = wl._bench_images(2, 300)
+    assert source == 'bundled 256-px mini-MIAS, resized to 300 px'
+    assert [im.shape for im in images] == [(300, 300)] * 2 and images[0].dtype == np.float32 and images[0].max() > 0.5
+    monkeypatch.setenv('BREAST_CANCER_DATA', str(tmp_path))                    # nothing at all
+    images, source = wl._bench_images(3, 64)
+    assert source == 'synthetic' and len(images) == 3 and images[0].shape == (64, 64)
