@@ -379,3 +379,10 @@ def test_mias_split_then_cache_end_to_end(mias_sample, tmp_path):
         x = load_cached(r.cache_path)
         assert x.shape == (64, 64) and 0 <= x.min() and x.max() <= 1
         assert abs(float(x.mean()) - float(read_image(r.image_path).mean())) < 0.01
+
+def test_load_csv_reads_a_saved_manifest(mias_sample, tmp_path):
+    m = load_mias(mias_sample)
+    m.to_csv(tmp_path / 'manifest.csv', index=False)
+    back = load_csv(tmp_path / 'manifest.csv', dataset='mias')
+    assert back.lesions.tolist() == m.lesions.tolist() and back.label.tolist() == m.label.tolist()
+    assert back.malignant.isna().sum() == 207 and back.patient_id.nunique() == 161
