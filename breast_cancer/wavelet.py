@@ -264,6 +264,8 @@ class WaveletPreprocessor:
     @classmethod
     def from_dict(cls, d: dict|None) -> WaveletPreprocessor:
         "Rebuild from `to_dict()` output (missing keys take their defaults)."
+        if d is not None and not isinstance(d, dict):
+            raise ConfigError(f"wavelet settings must be a mapping such as WaveletPreprocessor().to_dict(), got {d!r}")
         d = dict(d or {})
         unknown = sorted(set(d) - set(cls.__dataclass_fields__))
         if unknown:
