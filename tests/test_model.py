@@ -79,8 +79,10 @@ def test_clr_applied_by_keras_sgd_equals_schedule(policy):
         reported.append(float(keras.ops.convert_to_numpy(opt.learning_rate)))
         w.assign(np.zeros(1, 'float32')); step(); applied.append(-float(w.numpy()[0]))
     expected = keras.ops.convert_to_numpy(schedule(np.arange(40)))
-    np.testing.assert_array_equal(np.array(applied, 'float32'), expected)
-    np.testing.assert_array_equal(np.array(reported, 'float32'), expected)
+    # read eagerly, the optimizer's learning rate is the schedule's value to 1 ulp (a scalar pow vs a vectorised one);
+    # inside the compiled step, grappler's graph rewrites may change the last bits (as for TFA's class under Keras 2)
+    np.testing.assert_allclose(np.array(reported, 'float32'), expected, rtol=2e-7, atol=0)
+    np.testing.assert_allclose(np.array(applied, 'float32'), expected, rtol=1e-5, atol=0)
     assert len(set(applied)) > 5                       # the rate really changes between updates
 
 
@@ -124,11 +126,11 @@ def test_save_load_every_head_and_schedule(head, schedule, images, tmp_path):
     compile_model(model, SCHEDULES[schedule])
     model.optimizer.build(model.trainable_variables)
     model.optimizer.iterations.assign(17)
-    before = keras.ops.convert_to_numpy(model.predict(images, verbose=0))
+    before = keras.ops.convert_to_numpy(model(images))
     path = tmp_path / 'model.keras'
     model.save(path)
     loaded = keras.models.load_model(path, safe_mode=True)
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded.predict(images, verbose=0)), before)
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(loaded(images)), before)
     lr = loaded.optimizer.get_config()['learning_rate']
     assert lr['registered_name'] == f'breast_cancer>{type(SCHEDULES[schedule]).__name__}'
     assert lr['config'] == SCHEDULES[schedule].get_config()
@@ -184,8 +186,7 @@ def test_weights_path_loads(fmt, tmp_path, images):
         path = tmp_path / 'resnet50_notop.weights.h5'; backbone.save_weights(path)
     target = build_resnet50((SIZE, SIZE, 1), weights=path)
     target.get_layer('p_positive').set_weights(source.get_layer('p_positive').get_weights())
-    np.testing.assert_array_equal(keras.ops.convert_to_numpy(target.predict(images, verbose=0)),
-                                  keras.ops.convert_to_numpy(source.predict(images, verbose=0)))
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(target(images)), keras.ops.convert_to_numpy(source(images)))
     fresh = build_resnet50((SIZE, SIZE, 1), weights=None)
     assert not np.array_equal(get_backbone(fresh).weights[0].numpy(), backbone.weights[0].numpy())
 
@@ -262,7 +263,9 @@ def test_fine_tune_two_phases_keeps_bn_in_inference(images):
 
 
 def test_lr_find_leaves_model_and_optimizer_untouched(images):
-    model = compile_model(build_resnet50((SIZE, SIZE, 1), weights=None), ExponentialCyclicalLearningRate(1e-4, 1e-2, 4, gamma=0.99))
+    # VGG-16 (fast to trace) goes through the same path as ResNet-50: nested backbone, custom layer, partly frozen
+    model = build_model('vgg16', (SIZE, SIZE, 1), weights=None, head='dense512_bn', freeze=1)
+    compile_model(model, ExponentialCyclicalLearningRate(1e-4, 1e-2, 4, gamma=0.99))
     model.optimizer.build(model.trainable_variables)
     for v in model.optimizer.variables: v.assign(np.full(v.shape, 0.25, v.dtype) if v.dtype != 'int64' else np.full(v.shape, 3))
     weights = [w.numpy().copy() for w in model.weights]
