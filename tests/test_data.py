@@ -386,3 +386,8 @@ def test_load_csv_reads_a_saved_manifest(mias_sample, tmp_path):
     back = load_csv(tmp_path / 'manifest.csv', dataset='mias')
     assert back.lesions.tolist() == m.lesions.tolist() and back.label.tolist() == m.label.tolist()
     assert back.malignant.isna().sum() == 207 and back.patient_id.nunique() == 161
+
+def test_load_mias_accepts_the_parent_of_an_unpacked_folder(tmp_path):
+    data._make_mias_tree(tmp_path / 'download' / 'all-mias')
+    m = load_mias(tmp_path / 'download')
+    assert len(m) == 6 and '/all-mias/' in m.image_path[0]
