@@ -129,3 +129,33 @@ def test_grad_cam_on_model_module_resnet50():
     named = ev.grad_cam(model, img, layer_name='conv4_block1_1_conv')
     assert named.shape == (32, 32)
     with pytest.raises(ConfigError, match="no layer named 'nope'"): ev.grad_cam(model, img, layer_name='nope')
+
+
+def test_evaluate_run_uses_saved_thresholds(tmp_path, mias_predictions):
+    "What the CLI calls: a run folder's predictions, evaluated with the thresholds the cascade saved; outputs written atomically."
+    run = tmp_path / 'run'; (run / 'cascade').mkdir(parents=True)
+    mias_predictions.to_csv(run / 'oof_predictions.csv', index=False)
+    with pytest.raises(DataError, match='predictions.csv not found'): ev.evaluate_run(run, n_boot=50)
+    res = ev.evaluate_run(run, 'oof_predictions.csv', n_boot=50)            # no cascade.json: thresholds 0.5
+    y = mias_predictions.true_label != 'normal'
+    assert res.stage1['sensitivity'] == pytest.approx(((mias_predictions.p_abnormal >= .5) & y).sum() / y.sum())
+    (run / 'cascade' / 'cascade.json').write_text('{"threshold1": 0.3, "threshold2": 0.7}')
+    res = ev.evaluate_run(run, 'oof_predictions.csv', n_boot=50)
+    assert res.stage1['sensitivity'] == pytest.approx(((mias_predictions.p_abnormal >= .3) & y).sum() / y.sum())
+    table = pd.read_csv(run / 'oof_metrics.csv')
+    assert set(table['part']) == {'stage1', 'stage2', 'end_to_end', 'three_class'}
+    assert 'stage 1 0.300, stage 2 0.700' in (run / 'oof_metrics.md').read_text()
+    assert not [p for p in run.iterdir() if p.name.endswith('.tmp')]
+    (run / 'cascade' / 'cascade.json').write_text('{broken')
+    with pytest.raises(DataError, match='not valid JSON'): ev.evaluate_run(run, 'oof_predictions.csv', n_boot=50)
+
+
+def test_clustered_delong_matches_patient_bootstrap():
+    rng = np.random.default_rng(5)
+    pid = np.repeat(np.arange(80), 5); y = (rng.random(80) < .5)[pid]
+    u, v = rng.normal(size=80)[pid], rng.normal(size=80)[pid]          # patient effects, different for the two models
+    a, b = y + u + .3 * rng.normal(size=400), .7 * y + v + .3 * rng.normal(size=400)
+    dl, bs, naive = (ev.compare_auc(y, a, b, pid), ev.compare_auc(y, a, b, pid, method='bootstrap'), ev.compare_auc(y, a, b))
+    assert dl.upper - dl.lower == pytest.approx(bs.upper - bs.lower, rel=0.2)
+    assert naive.upper - naive.lower < 0.75 * (dl.upper - dl.lower)
+    assert dl.delta == pytest.approx(skm.roc_auc_score(y, a) - skm.roc_auc_score(y, b))
