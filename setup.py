@@ -46,7 +46,7 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['breast_cancer', 'breast_cancer.*']),
     include_package_data=True,
-    package_data={'breast_cancer': ['templates/*.ipynb', 'configs/*.yaml']},
+    package_data={'breast_cancer': ['templates/*.ipynb', 'configs/*.yaml', 'checksums/*.sha256']},
     install_requires=requirements,
     extras_require={'dev': dev_requirements},
     python_requires='>=' + min_python,
