@@ -7,7 +7,7 @@ import pytest
 
 from breast_cancer.report import (embedded_images, execute_notebook, external_images, run_reports, _write_demo_template)
 
-MIN_FIGURES = {'mias': 10, 'breakhis': 8, 'idc': 8}
+MIN_FIGURES = {'mias': 10, 'breakhis': 6, 'idc': 7}
 
 
 @pytest.fixture(scope='module')
@@ -60,8 +60,8 @@ def test_outputs_and_embedding(batch, dataset):
     assert m['dataset'] == dataset and m['quick'] is True
     st = m['stages']
     assert 'stage2' in st and ('stage1' in st) == (dataset == 'mias')
-    for stage in st.values():
-        if stage['status'] == 'ok':
+    for name, stage in st.items():
+        if stage['status'] == 'ok' and name in ('stage1', 'stage2', 'stage2_end_to_end', 'patient'):
             for k in ('accuracy', 'specificity', 'sensitivity'):
                 assert set(stage[k]) == {'value', 'lo', 'hi'}
                 v = stage[k]['value']
