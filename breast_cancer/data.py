@@ -336,6 +336,15 @@ def _group_chunks(y, groups, n: int, seed: int) -> np.ndarray:
     import warnings
     from sklearn.model_selection import StratifiedGroupKFold
     out = np.full(len(y), -1)
+    if n > pd.Series(y).value_counts().max():
+        # Too few images for sklearn's check (it wants n_splits <= the largest class): deal each stratum's
+        # shuffled patients round-robin into the chunks, which keeps patients whole and strata spread.
+        rng = np.random.default_rng(seed)
+        first = pd.DataFrame({'y': y, 'g': groups}).drop_duplicates('g')
+        k = 0
+        for _, sub in first.groupby('y', sort=True):
+            for g in rng.permutation(sub['g'].to_numpy()): out[groups == g] = k % n; k += 1
+        return out
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', UserWarning)  # "least populated class has fewer members than n_splits"
         sgkf = StratifiedGroupKFold(n_splits=n, shuffle=True, random_state=seed)
