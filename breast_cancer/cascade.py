@@ -86,7 +86,7 @@ def _from_config(cls, config, # a Config, dict or YAML path
                  build=None, # callable(config) -> Keras model; default `build_stage` (the config's backbone)
                 ) -> Cascade:
     "A cascade with freshly built stages (stage 1 only in cascade mode), seeded by the config."
-    c = load_config(config); seed_everything(c.seed, deterministic=True); build = build or build_stage
+    c = load_config(config); seed_everything(c.seed, deterministic=c.train.deterministic); build = build or build_stage
     stage1 = build(c) if c.task == 'cascade' else None
     return cls(stage1, build(c), config=c)
 Cascade.from_config = _from_config

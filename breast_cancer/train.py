@@ -134,6 +134,7 @@ SCHEMA = {
             'patience': _num(5, lo=0, integer=True),
         },
         'restore_best': _bool(True),
+        'deterministic': _bool(True),
         'augment': {
             'enabled': _bool(True),
             'flip': _Field('horizontal', _flip, "true/false or 'none', 'horizontal', 'vertical', 'both'"),
@@ -294,12 +295,20 @@ def _cache_size(config):
     if c.data.cache_size is not None: return c.data.cache_size
     return None if c.data.input == 'roi' else c.data.image_size
 
+def _has_roi_file(manifest, config) -> np.ndarray:
+    "Rows whose ROI is a file of its own (CBIS-DDSM `roi_path`), used whole in ROI mode."
+    if load_config(config).data.input != 'roi' or 'roi_path' not in manifest: return np.zeros(len(manifest), bool)
+    return manifest['roi_path'].notna().to_numpy() & (manifest['roi_path'].astype(str).str.len() > 0).to_numpy()
+
 def cache_manifest(manifest: pd.DataFrame, # a manifest (data contract)
                    config, # a Config, dict or YAML path
                    progress: bool = True, # show a progress bar
                   ) -> pd.DataFrame:
     "Fill the image cache for a manifest with the run's preprocessing; returns it with a `cache_path` column."
-    return bc_data.cache_images(manifest, size=_cache_size(config), transform=image_transform(config), progress=progress)
+    src, roi_file = manifest, _has_roi_file(manifest, config)
+    if roi_file.any(): src = manifest.assign(image_path=np.where(roi_file, manifest.get('roi_path'), manifest['image_path']))
+    out = bc_data.cache_images(src, size=_cache_size(config), transform=image_transform(config), progress=progress)
+    return manifest.assign(cache_path=out['cache_path'].to_numpy())
 
 # %% ../nbs/04_train.ipynb #91260b2f
 def _lesion_box(lesions, context):
@@ -423,6 +432,7 @@ def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); ca
     paths = df['cache_path'].astype(str).to_numpy()
     roi = c.data.input == 'roi'
     boxes = roi_boxes(df, c.data.roi_context) if roi else np.zeros((len(df), 4), np.float32)
+    boxes[_has_roi_file(df, c)] = (0, 0, 1e9, 1e9)  # an ROI file is the region itself: keep it whole
     if training and labels and c.train.class_imbalance == 'oversample':
         ix = oversample_indices(y, c.seed); paths, y, boxes = paths[ix], y[ix], boxes[ix]
     size, ch, bs = c.data.image_size, c.data.channels, batch_size or c.train.batch_size
@@ -595,7 +605,7 @@ def train(model, # a Keras model with a one-unit sigmoid output (e.g. from model
     run_dir = Path(run_dir) if run_dir is not None else runs_dir()/c.name
     if not (run_dir/'config.yaml').exists(): init_run_dir(c, manifest, run_dir)
     sdir = run_dir/stage; (sdir/'checkpoints').mkdir(parents=True, exist_ok=True)
-    seed_everything(c.seed, deterministic=True)
+    seed_everything(c.seed, deterministic=c.train.deterministic)
     train_rows, y_train = target_rows(manifest[manifest['split'] == 'train'], target)
     val_rows, _ = target_rows(manifest[manifest['split'] == 'val'], target)
     if len(val_rows) == 0: raise DataError(f"no validation rows for {stage} ({target}): set data.val_size > 0 or give the manifest 'val' rows")

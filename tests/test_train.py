@@ -121,6 +121,19 @@ def test_roi_mode_crops_the_lesion(cache_env, mias_sample):
     assert abs(x.mean() - crop.mean()) < 0.05 and abs(x.mean() - full.mean()) > 0.05
 
 
+def test_roi_mode_uses_roi_files_whole(cache_env, mias_sample):
+    "CBIS-DDSM style: an ROI crop shipped as its own file (roi_path) is cached and fed whole in ROI mode."
+    c = T.load_config({**TINY, 'data': {'image_size': 32, 'input': 'roi'}})
+    m = data.load_dataset('mias')
+    m = m[m.image_id.isin(['mdb001', 'mdb003'])].copy()
+    m['roi_path'] = [str(mias_sample/'mdb002.png'), None]     # mdb001's "ROI file" is another film, for the test
+    m = T.cache_manifest(m, c, progress=False)
+    x = next(iter(T.make_dataset(m, c, training=False, batch_size=2)))[0].numpy()[..., 0]
+    whole = data.load_cached(m['cache_path'].iloc[0])
+    assert abs(x[0].mean() - np.asarray(data.read_image(mias_sample/'mdb002.png')).mean()) < 0.02
+    assert whole.shape[0] == 256                                # ROI mode caches at the source resolution
+
+
 # ---------------------------------------------------------------- train, run folder, resume, determinism
 class StopAfter(keras.callbacks.Callback):
     "Simulate a killed run: raise at the end of epoch `n` (0-based)."
