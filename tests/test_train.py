@@ -195,3 +195,17 @@ def test_no_validation_rows_is_a_clear_error(manifest, tmp_path):
     c = T.load_config(TINY).replace(**{'data.val_size': 0.0})
     with pytest.raises(DataError, match=r'no validation rows for stage1 \(abnormal\): set data.val_size > 0'):
         T.train(tiny_model(), manifest.drop(columns='split'), c, run_dir=tmp_path, verbose=0)
+
+
+def test_clr_schedule_from_config():
+    "The config picks the model module's CLR class; step size defaults to 2 epochs of steps."
+    from breast_cancer import model as M
+    for mode, cls in (('triangular', M.TriangularCyclicalLearningRate), ('triangular2', M.Triangular2CyclicalLearningRate),
+                      ('exp_range', M.ExponentialCyclicalLearningRate)):
+        c = T.load_config({'train': {'clr': {'mode': mode, 'gamma': 0.99, 'initial_learning_rate': 0.001,
+                                             'maximal_learning_rate': 0.01}}})
+        s = T.clr_schedule(c, steps_per_epoch=5)
+        assert type(s) is cls and s.get_config()['step_size'] == 10
+        assert float(s(0)) == pytest.approx(0.001) and float(s(20)) == pytest.approx(0.001)
+        if mode != 'exp_range': assert float(s(10)) == pytest.approx(0.01)   # peak after one step size
+    assert T.clr_schedule(c.replace(**{'train.clr.step_size': 7}), 5).get_config()['step_size'] == 7
