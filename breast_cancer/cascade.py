@@ -167,7 +167,7 @@ def _to_cache(images, config, folder: Path) -> list[str]:
         if a.ndim not in (2, 3) or not np.isfinite(a).all():
             raise DataError(f'image {i}: expected a finite 2-D or H×W×C float array in [0, 1], got shape {a.shape}')
         if transform is not None: a = transform(a)
-        a = bc_data._resize_longer(np.clip(a, 0, 1).astype(np.float32), size)
+        a = bc_data.resize_longer(np.clip(a, 0, 1).astype(np.float32), size)
         out[i] = str(folder/f'array-{i:06d}.npy'); np.save(out[i], a)
     return out
 

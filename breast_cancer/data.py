@@ -565,7 +565,6 @@ def resize_longer(arr: np.ndarray, # float32 image, (H, W) or (H, W, C), values 
     out = [np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32), mode='F').resize(new, Image.Resampling.LANCZOS)) for c in chans]
     return np.clip(out[0] if arr.ndim == 2 else np.stack(out, -1), 0, 1).astype(np.float32)
 
-_resize_longer = resize_longer  # the name other modules used first
 
 def _transform_key(transform) -> str:
     "The transform's `cache_key`; `ConfigError` when it has none."
