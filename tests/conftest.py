@@ -23,3 +23,11 @@ def shared_data() -> Path:
     "The full real data beside the checkout (../shared/data); tests that need it skip without it."
     if not SHARED_DATA.exists(): pytest.skip('../shared/data is not present')
     return SHARED_DATA
+
+@pytest.fixture(scope='module')
+def isolated_dirs(tmp_path_factory, request):
+    "Private cache and runs folders (BREAST_CANCER_CACHE / BREAST_CANCER_RUNS) for one test module."
+    root = tmp_path_factory.mktemp(request.module.__name__.rsplit('.', 1)[-1])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv('BREAST_CANCER_CACHE', str(root / 'cache')); mp.setenv('BREAST_CANCER_RUNS', str(root / 'runs'))
+        yield root

@@ -28,14 +28,8 @@ def tiny_build(config):
 
 
 @pytest.fixture(scope='module', autouse=True)
-def cache_env(tmp_path_factory):
-    root = tmp_path_factory.mktemp('cascade')
-    old = {k: os.environ.get(k) for k in ('BREAST_CANCER_CACHE', 'BREAST_CANCER_RUNS')}
-    os.environ['BREAST_CANCER_CACHE'] = str(root/'cache'); os.environ['BREAST_CANCER_RUNS'] = str(root/'runs')
-    yield root
-    for k, v in old.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+def cache_env(isolated_dirs):
+    return isolated_dirs
 
 
 @pytest.fixture(scope='module')

@@ -24,15 +24,9 @@ def tiny_model(config=None, seed=None):
 
 
 @pytest.fixture(scope='module')
-def cache_env(tmp_path_factory):
+def cache_env(isolated_dirs):
     "Private cache/runs folders for this module."
-    root = tmp_path_factory.mktemp('train')
-    old = {k: os.environ.get(k) for k in ('BREAST_CANCER_CACHE', 'BREAST_CANCER_RUNS')}
-    os.environ['BREAST_CANCER_CACHE'] = str(root/'cache'); os.environ['BREAST_CANCER_RUNS'] = str(root/'runs')
-    yield root
-    for k, v in old.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+    return isolated_dirs
 
 
 @pytest.fixture(scope='module')
