@@ -6,13 +6,14 @@ PY := $(VENV)/bin/python
 # CPU-only machines get the small tensorflow-cpu wheel; a machine with an NVIDIA driver keeps the GPU build.
 TF ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo tensorflow || echo tensorflow-cpu)
 DATASETS ?= mias,breakhis
-CONFIG ?= configs/demo.yaml
+CONFIG ?= demo
 
-.PHONY: install test nbtest pytest reports export clean-nbs sync-check docs-check help
+.PHONY: install test test-all nbtest pytest reports export clean-nbs sync-check docs-check help
 
 help:
 	@echo "make reports  - run the evaluation reports on the bundled sample (writes reports/)"
 	@echo "make test     - run the notebook tests (nbdev_test) and the integration tests (pytest)"
+	@echo "make test-all - the same, with the long end-to-end tests marked slow"
 
 $(VENV)/.installed: settings.ini setup.py
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -27,9 +28,13 @@ nbtest: install
 
 # pytest exits 5 when it collects no test: that is not a failure of the suite.
 pytest: install
-	$(PY) -m pytest tests/ -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
+	$(PY) -m pytest tests/ -q --durations=15; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest: no tests collected"; rc=0; fi; exit $$rc
 
 test: nbtest pytest
+
+# Also the long end-to-end tests marked slow (a few more minutes).
+test-all:
+	BREAST_CANCER_SLOW_TESTS=1 $(MAKE) test
 
 reports: install
 	$(VENV)/bin/breast-cancer report --datasets $(DATASETS) --config $(CONFIG)

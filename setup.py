@@ -46,9 +46,10 @@ setuptools.setup(
     url=cfg['git_url'],
     packages=setuptools.find_packages(include=['breast_cancer', 'breast_cancer.*']),
     include_package_data=True,
-    package_data={'breast_cancer': ['templates/*.ipynb', 'configs/*.yaml', 'checksums/*.sha256']},
+    # The presets, report templates, checksum lists, published results and the two bundled samples (~13 MB) travel in the wheel.
+    package_data={'breast_cancer': ['templates/*.ipynb', 'configs/*.yaml', 'checksums/*.sha256', 'samples/*/*', 'published_results.yaml']},
     install_requires=requirements,
-    extras_require={'dev': dev_requirements},
+    extras_require={'dev': dev_requirements, 'mlflow': ['mlflow>=2.12']},  # tracking: mlflow (optional, never required)
     python_requires='>=' + min_python,
     long_description=open('README.md', encoding='utf-8').read(),
     long_description_content_type='text/markdown',

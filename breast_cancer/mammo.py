@@ -73,7 +73,7 @@ def read_header(path, # a DICOM file, or any image Pillow opens
 
 def _area(shape): return int(shape[0]) * int(shape[1])
 
-# %% ../nbs/01a_mammo.ipynb #9987ed5f
+# %% ../nbs/01a_mammo.ipynb #bad1b796
 def fake_mammogram(shape=(64, 48), # (rows, cols) of the image
                    side: str = 'L', # 'L': chest wall on the left edge; 'R': on the right
                    lesions=(), # (row, col, radius) of bright blobs
@@ -87,11 +87,13 @@ def fake_mammogram(shape=(64, 48), # (rows, cols) of the image
     for r, c, rad in lesions: img += 0.4 * np.exp(-((rr - r) ** 2 + (cc - c) ** 2) / (2 * (rad / 1.5) ** 2))
     return (np.clip(img, 0, 1) * 4095).astype(np.uint16)
 
+# %% ../nbs/01a_mammo.ipynb #9974e424
 def lesion_disk(shape, row, col, radius) -> np.ndarray:
     "A boolean disk mask (the fixtures' ROI masks)."
     rr, cc = np.mgrid[:shape[0], :shape[1]]
     return (rr - row) ** 2 + (cc - col) ** 2 <= radius ** 2
 
+# %% ../nbs/01a_mammo.ipynb #6440eb2b
 def mask_bbox(mask: np.ndarray, # a mask (any values; > 0.5 counts as inside)
              ) -> tuple|None:
     "Bounding box `(row0, col0, row1, col1)` of a mask, ends exclusive (skimage `regionprops` convention); None if empty."
@@ -475,7 +477,7 @@ def read_ddsm_ics(path, # a DDSM `.ics` case header
     if not out['views']: raise DataError(f'{path}: no view lines (LEFT_CC LINES … OVERLAY) found; is this a DDSM .ics file?')
     return out
 
-# %% ../nbs/01a_mammo.ipynb #cb329c91
+# %% ../nbs/01a_mammo.ipynb #074185c7
 CHAIN_STEPS = np.array([(-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1)])  # (drow, dcol) of 0=N … 7=NW
 
 def ddsm_chain_to_outline(x: int, # start column
@@ -488,11 +490,13 @@ def ddsm_chain_to_outline(x: int, # start column
     steps = CHAIN_STEPS[digits] if digits.size else np.zeros((0, 2), int)
     return np.vstack([[y, x], np.array([y, x]) + np.cumsum(steps, axis=0)]).astype(int)
 
+# %% ../nbs/01a_mammo.ipynb #569517d2
 def ddsm_chain_to_bbox(x: int, y: int, chain) -> tuple:
     "Bounding box `(row0, col0, row1, col1)` of a chain-code outline, ends exclusive."
     o = ddsm_chain_to_outline(x, y, chain)
     return int(o[:, 0].min()), int(o[:, 1].min()), int(o[:, 0].max()) + 1, int(o[:, 1].max()) + 1
 
+# %% ../nbs/01a_mammo.ipynb #c3bb1b85
 def ddsm_chain_to_mask(x: int, # start column
                        y: int, # start row
                        chain, # the direction digits 0..7

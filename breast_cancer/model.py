@@ -20,7 +20,8 @@ __all__ = ['BACKBONES', 'HEADS', 'CyclicalLearningRate', 'TriangularCyclicalLear
            'ExponentialCyclicalLearningRate', 'Specificity', 'default_metrics', 'Backbone', 'get_backbone_spec',
            'BackbonePreprocess', 'keras_cache_dir', 'network_reachable', 'resolve_weights', 'add_head', 'get_backbone',
            'backbone_blocks', 'set_trainable_blocks', 'unfreeze_top_blocks', 'use_mixed_precision', 'build_model',
-           'build_resnet50', 'compile_model', 'LRFinderResult', 'lr_find', 'fine_tune']
+           'build_resnet50', 'refresh_batchnorm', 'compile_model', 'LRFinderResult', 'lr_find', 'fine_tune_phases',
+           'fit_phases', 'fine_tune', 'small_cnn']
 
 # %% ../nbs/03_model.ipynb #d1b3622a
 _log = get_logger('model')
@@ -295,15 +296,16 @@ def backbone_blocks(backbone: keras.Model) -> list[tuple[str, list]]:
 def _is_bn(layer): return isinstance(layer, keras.layers.BatchNormalization)
 
 def set_trainable_blocks(model: keras.Model, # a model from `build_model`
-                         n: int|str, # number of top blocks to train; 'base' (= 0) or 'none' (everything but BN)
+                         n: int|str, # number of top blocks to train; 'base' (= 0) or 'none' (every block)
+                         train_bn: bool = False, # BatchNorm of trained blocks trains too (random init); False keeps it frozen (pretrained)
                         ) -> list[str]:
-    "Freeze the backbone except its top `n` blocks (BatchNorm always frozen); returns the trainable block names."
+    "Freeze the backbone except its top `n` blocks (BatchNorm frozen unless `train_bn`); returns the trainable block names."
     backbone = get_backbone(model)
     blocks = backbone_blocks(backbone)
     if n == 'base': n = 0
     if n == 'none':
         backbone.trainable = True
-        for layer in backbone.layers: layer.trainable = not _is_bn(layer)
+        for layer in backbone.layers: layer.trainable = train_bn or not _is_bn(layer)
         return [b for b, _ in blocks]
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= len(blocks):
         raise ConfigError(f"freeze={n!r}: use 'base', 'none' or a number of top blocks from 0 to {len(blocks)} "
@@ -314,12 +316,12 @@ def set_trainable_blocks(model: keras.Model, # a model from `build_model`
     backbone.trainable = True
     for layer in backbone.layers: layer.trainable = False
     for _, layers in blocks[len(blocks) - n:]:
-        for layer in layers: layer.trainable = not _is_bn(layer)
+        for layer in layers: layer.trainable = train_bn or not _is_bn(layer)
     return [b for b, _ in blocks[len(blocks) - n:]][::-1]
 
-def unfreeze_top_blocks(model: keras.Model, n: int) -> list[str]:
-    "Phase two of fine-tuning: train the top `n` backbone blocks (BatchNorm stays frozen); returns their names."
-    return set_trainable_blocks(model, int(n))
+def unfreeze_top_blocks(model: keras.Model, n: int, train_bn: bool = False) -> list[str]:
+    "Phase two of fine-tuning: train the top `n` backbone blocks (BatchNorm frozen unless `train_bn`); returns their names."
+    return set_trainable_blocks(model, int(n), train_bn)
 
 # %% ../nbs/03_model.ipynb #2ae273c4
 def use_mixed_precision(enable: bool = True, # False restores the float32 policy
@@ -343,6 +345,7 @@ def build_model(name: str = 'resnet50', # backbone: 'resnet50', 'vgg16', 'vgg19'
                 dense_units: int|None = None, # hidden width of the 'avgpool_dense'/'dense512_bn' heads
                 mixed_precision: bool = False, # use float16 compute on GPU (float32 output)
                 strategy: tf.distribute.Strategy|None = None, # build under this strategy's scope
+                bn_momentum: float = 0.9, # BatchNorm moving-average momentum when `weights=None` (BN trains)
                ) -> keras.Model:
     "A transfer-learning classifier: [0, 1] images → backbone preprocessing → pretrained backbone → head."
     spec = get_backbone_spec(name)
@@ -363,10 +366,17 @@ def build_model(name: str = 'resnet50', # backbone: 'resnet50', 'vgg16', 'vgg19'
                                           f"file ({spec.weights_file}) or weights saved from this backbone?") from e
         images = keras.Input(shape=input_shape, name='images')
         x = BackbonePreprocess(name, name='preprocess')(images)
-        features = backbone(x, training=False)
+        pretrained = weights_arg is not None
+        if not pretrained:
+            for layer in backbone.layers:
+                if not _is_bn(layer): continue
+                layer.momentum = float(bn_momentum)
+                if re.fullmatch(r'conv\d_block\d+_3_bn', layer.name):   # zero-γ: each residual block starts as the identity
+                    layer.gamma.assign(ops.zeros_like(layer.gamma))
+        features = backbone(x, training=False) if pretrained else backbone(x)
         outputs = add_head(features, head, n_classes, dropout, dense_units)
         model = keras.Model(images, outputs, name=f'{name}_{head}')
-        set_trainable_blocks(model, freeze)
+        set_trainable_blocks(model, freeze, train_bn=not pretrained)
     return model
 
 def build_resnet50(input_shape: tuple = (224, 224, 3), # (H, W, 1) greyscale or (H, W, 3) RGB
@@ -379,6 +389,29 @@ def build_resnet50(input_shape: tuple = (224, 224, 3), # (H, W, 1) greyscale or 
                   ) -> keras.Model:
     "The thesis's ResNet-50 transfer-learning model (see `build_model`)."
     return build_model('resnet50', input_shape, weights, head, n_classes, dropout, freeze, **kwargs)
+
+# %% ../nbs/03_model.ipynb #e2bf8b3b
+def _bn_layers(layer):
+    for sub in getattr(layer, 'layers', []):
+        if _is_bn(sub): yield sub
+        else: yield from _bn_layers(sub)
+
+def refresh_batchnorm(model: keras.Model, # a model whose trainable BatchNorm layers ran in training mode
+                      batches, # iterable of image batches or (images, labels) pairs, e.g. training images unaugmented
+                      max_batches: int = 32, # at most this many batches are averaged
+                     ) -> int:
+    "Set the moving statistics of the trainable BatchNorm layers to their mean over `batches`; returns the batches used."
+    bns = [l for l in _bn_layers(model) if l.trainable]
+    saved, n = [l.momentum for l in bns], 0
+    if not bns: return 0
+    try:
+        for b in batches:
+            if n >= max_batches: break
+            for l in bns: l.momentum = n / (n + 1)   # 0 replaces the old average; then a running mean
+            model(b[0] if isinstance(b, (tuple, list)) else b, training=True); n += 1
+    finally:
+        for l, m in zip(bns, saved): l.momentum = m
+    return n
 
 # %% ../nbs/03_model.ipynb #6e2e4e32
 def compile_model(model: keras.Model,
@@ -492,6 +525,35 @@ def lr_find(model: keras.Model, # a compiled model (its loss and optimizer type 
     return LRFinderResult(lrs, losses, smoothed, float(lrs[i_min]), float(lrs[i_steep]))
 
 # %% ../nbs/03_model.ipynb #d9567275
+def fine_tune_phases(head_epochs: int, # phase 1: epochs with the backbone frozen
+                     epochs: int, # total epochs; phase 2 runs from `head_epochs` to `epochs`
+                     unfreeze_blocks: int, # top backbone blocks trained in phase 2
+                     lr_head, # phase 1 learning rate (float or schedule)
+                     lr_finetune, # phase 2 learning rate (float or schedule)
+                    ) -> list[tuple]:
+    "The two phases of fine-tuning as `(name, trainable blocks, learning rate, first epoch, last epoch)`."
+    if not 0 < int(head_epochs) < int(epochs):
+        raise ConfigError(f"fine-tuning: head_epochs={head_epochs} must be at least 1 and less than the {epochs} epochs in all")
+    return [('head', 'base', lr_head, 0, int(head_epochs)), ('finetune', int(unfreeze_blocks), lr_finetune, int(head_epochs), int(epochs))]
+
+# %% ../nbs/03_model.ipynb #562fe968
+def fit_phases(model: keras.Model, # a model from `build_model` (or any model when every phase's blocks are None)
+               phases: list[tuple], # `(name, blocks, lr, first_epoch, last_epoch)`; blocks None = leave trainability as is
+               compile: Callable, # compile(model, lr, phase_name)
+               fit: Callable, # fit(model, phase_name, first_epoch, last_epoch) -> History
+               train_bn: bool = False, # BatchNorm of the trained blocks trains (random init)
+              ) -> dict:
+    "Run training phases in order: set the trainable blocks, compile with the phase's LR, fit; returns the histories."
+    histories = {}
+    for name, blocks, lr, first, last in phases:
+        if blocks is not None:
+            trained = set_trainable_blocks(model, blocks, train_bn)
+            _log.info(f'phase {name}: training backbone blocks {trained or "none"}')
+        compile(model, lr, name)
+        histories[name] = fit(model, name, first, last)
+    return histories
+
+# %% ../nbs/03_model.ipynb #cadfece6
 def fine_tune(model: keras.Model, # a model from `build_model`
               train_ds, # training data for `model.fit` (a tf.data.Dataset of batches)
               val_ds=None, # validation data, or None
@@ -505,17 +567,31 @@ def fine_tune(model: keras.Model, # a model from `build_model`
               metrics: list|None = None, # None = `default_metrics`
               strategy: tf.distribute.Strategy|None = None, # None = the model's own
               verbose='auto', # passed to `fit`
+              train_bn: bool = False, # BatchNorm of the trained blocks trains (True only for random init)
               **fit_kwargs, # more `model.fit` arguments (class_weight, steps_per_epoch, ...)
              ) -> dict:
     "Train the head on a frozen backbone, then the top blocks at a lower learning rate; returns both histories."
-    histories = {}
-    set_trainable_blocks(model, 0)
-    compile_model(model, lr_head, optimizer, metrics=metrics, strategy=strategy)
-    histories['head'] = model.fit(train_ds, validation_data=val_ds, epochs=head_epochs, callbacks=callbacks,
-                                  verbose=verbose, **fit_kwargs)
-    blocks = unfreeze_top_blocks(model, unfreeze_blocks)
-    _log.info(f'fine-tuning blocks {blocks}')
-    compile_model(model, lr_finetune, optimizer, metrics=metrics, strategy=strategy)
-    histories['finetune'] = model.fit(train_ds, validation_data=val_ds, initial_epoch=head_epochs,
-                                      epochs=head_epochs + finetune_epochs, callbacks=callbacks, verbose=verbose, **fit_kwargs)
-    return histories
+    phases = fine_tune_phases(head_epochs, head_epochs + finetune_epochs, unfreeze_blocks, lr_head, lr_finetune)
+    return fit_phases(model, phases,
+                      lambda m, lr, _: compile_model(m, lr, optimizer, metrics=metrics, strategy=strategy),
+                      lambda m, _, first, last: m.fit(train_ds, validation_data=val_ds, initial_epoch=first, epochs=last,
+                                                      callbacks=callbacks, verbose=verbose, **fit_kwargs),
+                      train_bn=train_bn)
+
+# %% ../nbs/03_model.ipynb #495843bc
+def small_cnn(input_shape: tuple = (64, 64, 1), # (H, W, C) of the float32 [0, 1] input
+              blocks: int = 4, # conv → BatchNorm → ReLU → max-pool blocks (pooling stops at 2 px)
+              width: int = 8, # filters of the first block, doubled in each following block
+              name: str = 'small_cnn', # the model's name
+              bn_momentum: float = 0.9, # BatchNorm moving-average momentum (0.9: usable statistics after a short run)
+             ) -> keras.Model:
+    "A small CNN with trainable BatchNorm and one sigmoid output: the reference and stand-in model."
+    x = inp = keras.Input(tuple(input_shape), name='images')
+    h = keras.layers.Rescaling(2.0, -1.0)(x)  # [0, 1] → [-1, 1]
+    side = min(input_shape[:2])
+    for b in range(blocks):
+        h = keras.layers.Conv2D(width * 2**b, 3, padding='same', use_bias=False, name=f'conv{b}')(h)
+        h = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=bn_momentum, name=f'bn{b}')(h))
+        if side >= 4: h = keras.layers.MaxPooling2D()(h); side //= 2
+    h = keras.layers.GlobalAveragePooling2D()(h)
+    return keras.Model(inp, keras.layers.Dense(1, activation='sigmoid', name='p')(h), name=name)

@@ -1,4 +1,5 @@
-"""Derive the bundled `data/mini-mias-256/` sample and `data/checksums/mias.sha256` from the full mini-MIAS.
+"""Derive the bundled `breast_cancer/samples/mini-mias-256/` sample and `mias.sha256` (in `data/checksums/` and
+`breast_cancer/checksums/`) from the full mini-MIAS.
 
 Usage: python data/derive_mias_256.py ../shared/data/mini-mias
 
@@ -18,7 +19,7 @@ def pgm_sha256(pixels: np.ndarray) -> str:
     return hashlib.sha256(PGM_HEADER + np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()).hexdigest()
 
 def main(src: Path, dest: Path = Path(__file__).parent):
-    out = dest / 'mini-mias-256'; out.mkdir(parents=True, exist_ok=True)
+    out = dest.parent / 'breast_cancer' / 'samples' / 'mini-mias-256'; out.mkdir(parents=True, exist_ok=True)
     lines = []
     for png in sorted(src.glob('mdb*.png')):
         im = Image.open(png); assert im.mode == 'L' and im.size == (1024, 1024), png
@@ -27,8 +28,8 @@ def main(src: Path, dest: Path = Path(__file__).parent):
     for pgm in sorted((src / 'pgm_samples').glob('*.pgm')):  # check the method on the untouched originals
         want = hashlib.sha256(pgm.read_bytes()).hexdigest()
         assert f'{want}  {pgm.name}' in lines, f'checksum method disagrees with {pgm}'
-    (dest / 'checksums').mkdir(exist_ok=True)
-    (dest / 'checksums' / 'mias.sha256').write_text('\n'.join(lines) + '\n')
+    for d in (dest / 'checksums', dest.parent / 'breast_cancer' / 'checksums'):
+        d.mkdir(exist_ok=True); (d / 'mias.sha256').write_text('\n'.join(lines) + '\n')
     for f in ('Info.txt', 'Licence.txt', 'README'): shutil.copy(src / f, out / f)
     print(f'{len(lines)} images -> {out}')
 

@@ -1,5 +1,6 @@
-"""Shared pytest fixtures: the repository root, the bundled samples, and the full data in ../shared when present."""
-import os
+"""Shared pytest fixtures: the repository root, the bundled samples, the full data in ../shared when present, and two
+guards for the whole suite: no connection beyond this machine (loopback only), and a checkout left as it was found."""
+import ipaddress, os, socket, subprocess
 from pathlib import Path
 import pytest
 
@@ -7,16 +8,17 @@ os.environ.setdefault('MPLBACKEND', 'Agg')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / 'shared' / 'data'
+SHARED = Path(os.environ.get('BREAST_CANCER_SHARED') or ROOT.parent / 'shared')   # ../shared beside the checkout
+SHARED_DATA = SHARED / 'data'
 
 @pytest.fixture(scope='session')
 def repo_root() -> Path: return ROOT
 
 @pytest.fixture(scope='session')
-def mias_sample() -> Path: return ROOT / 'data' / 'mini-mias-256'
+def mias_sample() -> Path: return ROOT / 'breast_cancer' / 'samples' / 'mini-mias-256'  # shipped in the wheel
 
 @pytest.fixture(scope='session')
-def breakhis_sample() -> Path: return ROOT / 'data' / 'breakhis-sample'
+def breakhis_sample() -> Path: return ROOT / 'breast_cancer' / 'samples' / 'breakhis-sample'
 
 @pytest.fixture(scope='session')
 def shared_data() -> Path:
@@ -24,10 +26,109 @@ def shared_data() -> Path:
     if not SHARED_DATA.exists(): pytest.skip('../shared/data is not present')
     return SHARED_DATA
 
+@pytest.fixture(scope='session')
+def published_results_md() -> Path:
+    "../shared/PUBLISHED_RESULTS.md, the sources' published numbers; tests that need it skip without it."
+    path = SHARED / 'PUBLISHED_RESULTS.md'
+    if not path.exists(): pytest.skip('../shared/PUBLISHED_RESULTS.md is not present')
+    return path
+
+def _private_dirs(mp: pytest.MonkeyPatch, root: Path):
+    for var, sub in (('BREAST_CANCER_CACHE', 'cache'), ('BREAST_CANCER_RUNS', 'runs'), ('BREAST_CANCER_REPORTS', 'reports')):
+        mp.setenv(var, str(root / sub))
+
+@pytest.fixture(scope='session', autouse=True)
+def session_output_dirs(tmp_path_factory):
+    """Every test's image cache, runs and reports go to a temporary folder unless it asks for its own (subprocesses inherit
+    it), and no proxy is used: local test servers are reached directly."""
+    root = tmp_path_factory.mktemp('session')
+    with pytest.MonkeyPatch.context() as mp:
+        _private_dirs(mp, root)
+        for var in ('HTTP_PROXY', 'HTTPS_PROXY', 'ALL_PROXY', 'http_proxy', 'https_proxy', 'all_proxy'):
+            mp.delenv(var, raising=False)                       # a developer's proxy is not on this machine
+        mp.setenv('NO_PROXY', '127.0.0.1,localhost,::1'); mp.setenv('no_proxy', '127.0.0.1,localhost,::1')
+        yield root
+
 @pytest.fixture(scope='module')
 def isolated_dirs(tmp_path_factory, request):
-    "Private cache and runs folders (BREAST_CANCER_CACHE / BREAST_CANCER_RUNS) for one test module."
+    "Private cache, runs and reports folders (BREAST_CANCER_CACHE / _RUNS / _REPORTS) for one test module."
     root = tmp_path_factory.mktemp(request.module.__name__.rsplit('.', 1)[-1])
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv('BREAST_CANCER_CACHE', str(root / 'cache')); mp.setenv('BREAST_CANCER_RUNS', str(root / 'runs'))
-        yield root
+        _private_dirs(mp, root); yield root
+
+
+# --- guard 1: loopback only ------------------------------------------------------------------------------------------
+class NonLoopbackConnection(ConnectionRefusedError):
+    "Raised (and recorded) when a test tries to connect beyond this machine."
+
+def is_loopback(address) -> bool:
+    "Whether a socket address stays on this machine: a unix socket path, localhost, 127.0.0.0/8 or ::1."
+    if isinstance(address, (str, bytes)): return True          # AF_UNIX path (or abstract socket)
+    host = address[0] if isinstance(address, tuple) and address else address
+    if isinstance(host, bytes): host = host.decode()
+    if not isinstance(host, str): return False
+    if host.lower() in ('localhost', 'localhost.localdomain', 'ip6-localhost'): return True
+    try: return ipaddress.ip_address(host.split('%')[0]).is_loopback
+    except ValueError: return False                             # any other host name: never resolved, never reached
+
+@pytest.fixture(autouse=True)
+def loopback_only(request):
+    "Fail any test that connects (TCP/UDP, by address or host name) to anything but this machine."
+    attempts = []
+    real_connect, real_connect_ex, real_create = socket.socket.connect, socket.socket.connect_ex, socket.create_connection
+    def refuse(address):
+        attempts.append(address)
+        raise NonLoopbackConnection(f'test tried to connect to {address!r}: tests may reach 127.0.0.1/::1 only')
+    def connect(self, address):
+        if self.family != getattr(socket, 'AF_UNIX', None) and not is_loopback(address): refuse(address)
+        return real_connect(self, address)
+    def connect_ex(self, address):
+        if self.family != getattr(socket, 'AF_UNIX', None) and not is_loopback(address): refuse(address)
+        return real_connect_ex(self, address)
+    def create_connection(address, *args, **kwargs):
+        if not is_loopback(address): refuse(address)            # before getaddrinfo: no DNS query either
+        return real_create(address, *args, **kwargs)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, 'connect', connect); mp.setattr(socket.socket, 'connect_ex', connect_ex)
+        mp.setattr(socket, 'create_connection', create_connection)
+        yield attempts
+    if attempts:
+        pytest.fail(f'{request.node.nodeid} tried to connect beyond this machine: {attempts}', pytrace=False)
+
+
+# --- guard 2: the checkout stays as it was ---------------------------------------------------------------------------
+_BYTECODE = ('__pycache__', '.pytest_cache', '.ipynb_checkpoints', '.egg-info')
+
+def _git_status():
+    "`git status` lines, ignored files included (data/cache, runs/, reports/ are git-ignored), bytecode excluded."
+    try: r = subprocess.run(['git', 'status', '--porcelain', '--ignored', '--untracked-files=all'], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError): return None
+    if r.returncode != 0: return None
+    return {l for l in r.stdout.splitlines() if not any(b in l for b in _BYTECODE)}
+
+def pytest_sessionstart(session):
+    session.config._git_status_before = _git_status()
+
+def pytest_sessionfinish(session, exitstatus):
+    before = getattr(session.config, '_git_status_before', None)
+    if before is None or hasattr(session.config, 'workerinput'): return   # not a git checkout (or an xdist worker)
+    after = _git_status() or set()
+    if after != before:
+        new, gone = sorted(after - before), sorted(before - after)
+        msg = ('the test run changed the checkout (tests must write only into temporary folders):\n'
+               + ''.join(f'  now:    {l}\n' for l in new) + ''.join(f'  before: {l}\n' for l in gone))
+        session.config.get_terminal_writer().line(msg, red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# Long end-to-end runs (minutes each on 2 CPU cores) that other tests cover in part: `make test` (CI) skips them,
+# `make test-all` (BREAST_CANCER_SLOW_TESTS=1) runs them.
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: a long end-to-end run; skipped unless BREAST_CANCER_SLOW_TESTS=1 (make test-all)')
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get('BREAST_CANCER_SLOW_TESTS') == '1': return
+    skip = pytest.mark.skip(reason='slow end-to-end run: BREAST_CANCER_SLOW_TESTS=1 (make test-all) runs it')
+    for item in items:
+        if 'slow' in item.keywords: item.add_marker(skip)

@@ -267,13 +267,14 @@ def test_load_csv_relative_paths_and_label_map(tmp_path, small_set):
 
 def test_load_dataset_registry(mias_sample, tmp_path, monkeypatch):
     assert set(DATASETS) == {'mias', 'cbis_ddsm', 'ddsm', 'cmmd', 'breakhis', 'idc', 'csv', 'folder'}
-    assert DATASETS['cbis_ddsm'] == 'breast_cancer.mammo:load_cbis_ddsm'
+    assert DATASETS['cbis_ddsm']['loader'] == 'breast_cancer.mammo:load_cbis_ddsm'
+    assert {k for k, d in DATASETS.items() if d['sample']} == {'mias', 'breakhis'}
     assert len(load_dataset('MIAS')) == 322 and get_loader('mias') is load_mias
     with pytest.raises(ConfigError, match='known datasets: mias, cbis_ddsm, ddsm, cmmd, breakhis, idc, csv, folder'):
         load_dataset('inbreast')
     monkeypatch.setenv('BREAST_CANCER_DATA', str(tmp_path))
     with pytest.raises(DataError, match=r'breast-cancer download cmmd'): load_dataset('cmmd')
-    with pytest.raises(DataError, match='bundled sample'): load_dataset('mias')  # no sample under this data_dir
+    assert len(load_dataset('mias')) == 322  # a private data_dir still finds the sample shipped inside the package
     data._make_mias_tree(tmp_path / 'mini-mias')
     assert len(load_dataset('mias')) == 6  # data_dir()/mini-mias (where download puts it) wins over the bundled sample
 

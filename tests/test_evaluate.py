@@ -90,18 +90,62 @@ def test_single_stage_breakhis_patient_level(breakhis_sample, tmp_path):
     assert rr['recognition_rate'] == pytest.approx(per.mean())
 
 
-def test_figures_on_real_images(mias_predictions, tmp_path):
-    from breast_cancer.data import load_mias
-    fig = ev.plot_misclassified(mias_predictions, n=4)
-    fig.savefig(tmp_path / 'mis.png'); assert (tmp_path / 'mis.png').stat().st_size > 10_000
-    m = ev.binary_metrics(mias_predictions.true_label != 'normal', mias_predictions.p_abnormal, groups=mias_predictions.patient_id, n_boot=100)
-    for f in (ev.plot_confusion(m), ev.plot_roc(mias_predictions.true_label != 'normal', mias_predictions.p_abnormal, n_boot=50),
-              ev.plot_pr(mias_predictions.true_label != 'normal', mias_predictions.p_abnormal, n_boot=50),
-              ev.plot_calibration(mias_predictions.true_label != 'normal', mias_predictions.p_abnormal)):
-        f.savefig(tmp_path / 'f.png')
+def _band(ax):
+    "The (x, lower, upper) of the CI band that fill_between drew into ax."
+    from matplotlib.collections import PolyCollection
+    bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+    assert len(bands) == 1, ax.collections
+    v = bands[0].get_paths()[0].vertices
+    x = np.unique(np.round(v[:, 0], 9))
+    lo = np.array([v[np.isclose(v[:, 0], xi), 1].min() for xi in x]); hi = np.array([v[np.isclose(v[:, 0], xi), 1].max() for xi in x])
+    return x, lo, hi
+
+
+def test_figures_on_real_images(mias_predictions):
+    "The artists drawn: panels, images, labels, the curves sklearn computes, and CI bands around them."
+    import matplotlib.pyplot as plt
+    from sklearn.calibration import calibration_curve
+    p = mias_predictions; y, s = p.true_label != 'normal', p.p_abnormal
+    wrong = p[p.pred_label != p.true_label]
+    fig = ev.plot_misclassified(p, n=4)
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 4 and f'4 of {len(wrong)} ({len(p)} images)' in fig._suptitle.get_text()
+    for ax in shown:                                             # each panel is a misclassified image
+        image_id, truth = ax.get_title().split('\n')[:2]
+        t, pr = truth.replace('true ', '').split(' · pred ')
+        assert t != pr and image_id in set(wrong.image_id)
+    m = ev.binary_metrics(y, s, groups=p.patient_id, n_boot=100)
+    fig = ev.plot_confusion(m)
+    assert [(a.get_title(), a.get_xlabel(), a.get_ylabel()) for a in fig.axes] == [('counts', 'predicted', 'true'), ('% of true class', 'predicted', 'true')]
+    assert sum(int(t.get_text()) for t in fig.axes[0].texts) == len(p)              # the counts add up to every image
+    fig = ev.plot_roc(y, s, groups=p.patient_id, n_boot=50)
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ('1 − specificity (FPR)', 'sensitivity (TPR)')
+    fpr, tpr, _ = skm.roc_curve(y, s)
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), fpr); np.testing.assert_allclose(ax.lines[0].get_ydata(), tpr)
+    assert f'AUC {skm.roc_auc_score(y, s):.3f}' in ax.get_legend().get_texts()[0].get_text()
+    x, lo, hi = _band(ax)
+    curve = np.interp(x, fpr, tpr)
+    assert np.all(lo <= hi + 1e-9) and np.mean((lo - 1e-9 <= curve) & (curve <= hi + 1e-9)) >= 0.9   # the band is around the curve
+    assert np.median(hi - lo) > 0.02                                                                 # and it has a width
+    fig = ev.plot_pr(y, s, groups=p.patient_id, n_boot=50)
+    ax = fig.axes[0]
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ('recall (sensitivity)', 'precision')
+    prec, rec, _ = skm.precision_recall_curve(y, s)
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), rec); np.testing.assert_allclose(ax.lines[0].get_ydata(), prec)
+    assert ax.lines[1].get_ydata()[0] == pytest.approx(y.mean())                                   # the prevalence line
+    x, lo, hi = _band(ax)
+    assert np.all(lo <= hi + 1e-9) and np.median(hi - lo) > 0.02
+    fig = ev.plot_calibration(y, s, n_bins=10)
+    ax, axh = fig.axes
+    frac, mean = calibration_curve(y, s, n_bins=10, strategy='quantile')
+    np.testing.assert_allclose(ax.lines[1].get_xdata(), mean); np.testing.assert_allclose(ax.lines[1].get_ydata(), frac)
+    assert sum(r.get_height() for r in axh.patches) == len(p) and axh.get_xlabel() == 'predicted probability'
     from breast_cancer.wavelet import WaveletPreprocessor
+    from breast_cancer.data import load_mias
     fig = ev.plot_wavelet_examples(load_mias().head(10), WaveletPreprocessor(), n=2)
-    assert len(fig.axes) == 6
+    assert len(fig.axes) == 6 and sum(bool(a.images) for a in fig.axes) == 6
+    plt.close('all')
 
 
 def test_plot_history_from_run_dir(tmp_path):
@@ -113,22 +157,6 @@ def test_plot_history_from_run_dir(tmp_path):
     assert list(fig.axes[0].lines[0].get_xdata()) == [1, 2, 3]
     (run / 'stage1' / 'history.csv').write_text('')
     with pytest.raises(DataError, match='history'): ev.plot_history(run)
-
-
-def test_grad_cam_on_model_module_resnet50():
-    "The model engineer's ResNet-50 wraps keras.applications.ResNet50 as a nested model: Grad-CAM must reach inside."
-    model_mod = pytest.importorskip('breast_cancer.model')
-    model = model_mod.build_resnet50(input_shape=(32, 32, 1), weights=None)
-    path = ev.find_last_conv(model)
-    assert path[-1].name == 'conv5_block3_3_conv' and len(path) == 3
-    img = np.random.default_rng(0).random((32, 32)).astype('float32')
-    cam, sal = ev.grad_cam(model, img), ev.saliency_map(model, img)
-    assert cam.shape == sal.shape == (32, 32)
-    assert np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
-    assert sal.max() == pytest.approx(1.0) and sal.min() >= 0
-    named = ev.grad_cam(model, img, layer_name='conv4_block1_1_conv')
-    assert named.shape == (32, 32)
-    with pytest.raises(ConfigError, match="no layer named 'nope'"): ev.grad_cam(model, img, layer_name='nope')
 
 
 def test_evaluate_run_uses_saved_thresholds(tmp_path, mias_predictions):

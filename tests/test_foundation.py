@@ -2,6 +2,7 @@
 import hashlib, json, re, subprocess, sys
 from pathlib import Path
 import numpy as np
+import pytest
 from PIL import Image
 
 def _fenced_commands(md: str) -> list[str]:
@@ -27,8 +28,10 @@ def test_bundled_mias_sample(mias_sample):
     for f in ('Info.txt', 'Licence.txt', 'SOURCE.md'): assert (mias_sample / f).exists(), f
     assert 'Suckling' in (mias_sample / 'SOURCE.md').read_text()
 
-def test_data_folder_under_20mb(repo_root):
-    total = sum(p.stat().st_size for p in (repo_root / 'data').rglob('*') if p.is_file() and 'cache' not in p.parts)
+def test_bundled_data_under_20mb(repo_root):
+    "data/ plus the samples shipped in the wheel stay small."
+    files = [*(repo_root / 'data').rglob('*'), *(repo_root / 'breast_cancer' / 'samples').rglob('*')]
+    total = sum(p.stat().st_size for p in files if p.is_file() and 'cache' not in p.parts and 'mini-mias' not in p.parts)
     assert total < 20e6, total
 
 def test_checksums_cover_all_images(repo_root):
@@ -50,4 +53,26 @@ def test_cli_help_lists_subcommands():
     exe = Path(sys.executable).parent / 'breast-cancer'
     if exe.exists(): out = subprocess.run([str(exe), '--help'], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
-    for cmd in ('download', 'prepare', 'train', 'evaluate', 'report', 'predict', 'bench'): assert cmd in out.stdout
+    import argparse
+    from breast_cancer.cli import build_parser
+    expected = {'download', 'prepare', 'train', 'evaluate', 'report', 'predict', 'bench'}
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert expected <= set(sub.choices), sorted(sub.choices)            # the parser's own subcommand list
+    listed = set(re.findall(r'^ {4}(\w[\w-]*) ', out.stdout, re.M))    # the subcommand lines of the printed help
+    assert expected <= listed and listed <= set(sub.choices), (sorted(listed), out.stdout)
+
+
+def test_loopback_guard_refuses_other_addresses(loopback_only):
+    "The suite's guard (conftest.loopback_only): other hosts are refused before any packet or DNS query; loopback works."
+    import socket
+    from conftest import NonLoopbackConnection
+    with pytest.raises(NonLoopbackConnection): socket.create_connection(('192.0.2.1', 9), timeout=0.1)
+    with pytest.raises(NonLoopbackConnection): socket.create_connection(('example.org', 443), timeout=0.1)
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6, pytest.raises(NonLoopbackConnection): s6.connect(('2001:db8::1', 9))
+    assert len(loopback_only) == 3
+    loopback_only.clear()                                                # the refusals above were on purpose
+    with socket.socket() as server:
+        server.bind(('127.0.0.1', 0)); server.listen(1)
+        socket.create_connection(server.getsockname(), timeout=2).close()
+        with socket.socket() as c: c.connect(('localhost', server.getsockname()[1]))
+    assert loopback_only == []

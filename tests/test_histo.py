@@ -13,7 +13,7 @@ from breast_cancer.histo import (BREAKHIS_TUMOR_TYPES, StainNormalizer, bench_lo
                                  load_breakhis, load_idc, make_idc_tree, parse_breakhis_names, plot_idc_slide_map,
                                  stain_normalize)
 
-SAMPLE_NAMES = sorted(n for n in os.listdir(Path(__file__).resolve().parents[1]/'data'/'breakhis-sample') if n.endswith('.png'))
+SAMPLE_NAMES = sorted(n for n in os.listdir(Path(__file__).resolve().parents[1]/'breast_cancer'/'samples'/'breakhis-sample') if n.endswith('.png'))
 FOLDER = {'A': 'adenosis', 'F': 'fibroadenoma', 'PT': 'phyllodes_tumor', 'TA': 'tubular_adenoma',
           'DC': 'ductal_carcinoma', 'LC': 'lobular_carcinoma', 'MC': 'mucinous_carcinoma', 'PC': 'papillary_carcinoma'}
 
@@ -210,9 +210,9 @@ def test_stain_normalizer_as_cache_transform(breakhis_sample, tmp_path):
 
 
 @pytest.mark.parametrize('preset,dataset', [('breakhis_resnet50', 'breakhis'), ('idc_resnet50', 'idc')])
-def test_presets(repo_root, preset, dataset):
+def test_presets(preset, dataset):
     from breast_cancer.train import load_config
-    c = load_config(repo_root/'configs'/f'{preset}.yaml')
+    c = load_config(preset)
     assert c.task == 'binary' and c.name == preset and [d['name'] for d in c.datasets] == [dataset]
     assert c.data.channels == 3 and c.model.backbone == 'resnet50' and c.model.head == 'gap' and c.model.weights == 'imagenet'
     a = c.train.augment
@@ -222,10 +222,10 @@ def test_presets(repo_root, preset, dataset):
     else: assert c.data.cache_size == 50 and c.data.image_size >= 96
 
 
-def test_breakhis_preset_manifest(repo_root):
+def test_breakhis_preset_manifest():
     "The preset's dataset options reach load_breakhis through train.load_manifest (bundled sample: no Folds.csv)."
     from breast_cancer.train import load_config, load_manifest
-    c = load_config(repo_root/'configs'/'breakhis_resnet50.yaml')
+    c = load_config('breakhis_resnet50')
     m = load_manifest(c)
     assert len(m) == 12 and set(m.label) == {'benign', 'malignant'} and 'split' not in m
     m40 = load_manifest(c.replace(**{'datasets': [{'name': 'breakhis', 'options': {'magnification': 40}}]}))

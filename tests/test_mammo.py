@@ -208,7 +208,19 @@ def test_lesions_fit_the_shared_figures(trees):
     fig = data.show_lesions(ddsm, n=3)
     assert sum(len(ax.patches) for ax in fig.axes) == 4     # D_4001 LEFT_MLO, B_3024 RIGHT_CC (two lesions), B_3024 RIGHT_MLO
     plt.close(fig)
-    fig = data.show_examples(quiet(load_cmmd, trees['cmmd']), n=2); plt.close(fig)
+    cmmd = quiet(load_cmmd, trees['cmmd'])
+    fig = data.show_examples(cmmd, n=2)
+    labels = [l for l in data.LABELS if (cmmd.label == l).any()]
+    assert len(labels) >= 2 and len(fig.axes) == 2 * len(labels)        # one row per label present, n=2 columns
+    drawn = [ax for ax in fig.axes if ax.images]
+    counts = cmmd.label.value_counts()
+    assert sorted(ax.get_title().split(':')[0] for ax in drawn) == sorted(l for l in labels for _ in range(min(2, counts[l])))
+    paths = cmmd.set_index('image_id').image_path
+    for ax in drawn:                                                     # each panel shows the image its title names
+        lab, image_id = ax.get_title().split(': ')
+        np.testing.assert_allclose(ax.images[0].get_array(), data.read_image(paths[image_id]), atol=1e-6)
+        assert cmmd.set_index('image_id').label[image_id] == lab
+    plt.close(fig)
 
 
 def test_ddsm_gzipped_overlay_and_pngfiles_folder(tmp_path):

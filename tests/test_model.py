@@ -13,7 +13,7 @@ from breast_cancer.model import (BACKBONES, HEADS, BackbonePreprocess, CyclicalL
                                  ExponentialCyclicalLearningRate, Specificity, Triangular2CyclicalLearningRate,
                                  TriangularCyclicalLearningRate, backbone_blocks, build_model, build_resnet50,
                                  compile_model, fine_tune, get_backbone, lr_find, resolve_weights,
-                                 set_trainable_blocks, use_mixed_precision)
+                                 refresh_batchnorm, set_trainable_blocks, use_mixed_precision)
 
 F = np.float32
 SIZE = 32
@@ -147,30 +147,73 @@ def test_custom_scale_fn_model_does_not_save_silently(tmp_path):
         model.save(tmp_path / 'model.keras')
 
 
-def test_imagenet_offline_fails_fast_with_instructions(tmp_path, monkeypatch):
-    # an empty Keras cache, and a probe that cannot connect (TEST-NET-1 never answers) = offline on any machine
+def closed_loopback_port() -> int:
+    "A TCP port on 127.0.0.1 that nothing listens on: a connection there is refused at once."
+    import socket
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0)); return s.getsockname()[1]
+
+
+def test_imagenet_offline_error_names_file_url_and_folder(tmp_path, monkeypatch):
+    "Offline = an empty Keras cache and a proxy on a closed loopback port: the real probe runs, nothing leaves the machine."
     monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
-    monkeypatch.setenv('HTTPS_PROXY', 'http://192.0.2.1:9')
-    t0 = time.monotonic()
+    port = closed_loopback_port()
+    monkeypatch.setenv('HTTPS_PROXY', f'http://127.0.0.1:{port}')
     with pytest.raises(WeightsUnavailableError) as e:
         build_resnet50((SIZE, SIZE, 1), weights='imagenet')
-    print(f'offline error after {time.monotonic() - t0:.2f} s')
     msg = str(e.value)
+    assert f'127.0.0.1:{port} did not answer' in msg
     assert 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5' in msg
     assert ('https://storage.googleapis.com/tensorflow/keras-applications/resnet/'
             'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5') in msg
     assert str(tmp_path / 'keras' / 'models') in msg and 'weights=' in msg
 
 
+def test_imagenet_offline_fails_fast_when_the_probe_hangs(tmp_path, monkeypatch):
+    "A probe whose connect never returns (a black-holed network): resolve_weights gives up after `timeout`."
+    import threading
+    from breast_cancer import model as model_mod
+    monkeypatch.setenv('KERAS_HOME', str(tmp_path / 'keras'))
+    monkeypatch.delenv('HTTPS_PROXY', raising=False); monkeypatch.delenv('https_proxy', raising=False)
+    release, probed = threading.Event(), []
+    def hanging_connection(address, timeout=None, *args, **kwargs):
+        probed.append(address); release.wait(60); raise OSError('released')
+    monkeypatch.setattr(model_mod.socket, 'create_connection', hanging_connection)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(WeightsUnavailableError, match='did not answer within 0.5 s'):
+            resolve_weights('resnet50', 'imagenet', timeout=0.5)
+        elapsed = time.monotonic() - t0
+    finally: release.set()
+    assert probed == [('storage.googleapis.com', 443)]      # the download host, probed once, never reached
+    assert elapsed < 5, f'offline error after {elapsed:.1f} s with timeout=0.5 s'   # generous margin over 0.5 s
+
+
 def test_imagenet_uses_the_keras_cache_when_present(tmp_path, monkeypatch):
-    "A file already in $KERAS_HOME/models is used without touching the network (md5 checked by Keras)."
+    "A file already in $KERAS_HOME/models is used without the probe (md5 checked by Keras)."
+    from breast_cancer import model as model_mod
     monkeypatch.setenv('KERAS_HOME', str(tmp_path))
-    monkeypatch.setenv('HTTPS_PROXY', 'http://192.0.2.1:9')
+    monkeypatch.setenv('HTTPS_PROXY', f'http://127.0.0.1:{closed_loopback_port()}')   # Keras's re-download is refused
+    monkeypatch.setattr(model_mod, 'network_reachable', lambda *a, **k: pytest.fail('probed although the file is cached'))
+    import socket
+    def refuse(*a, **k): raise ConnectionRefusedError(111, 'Connection refused')  # no connection is attempted at all
+    monkeypatch.setattr(socket, 'create_connection', refuse)
     (tmp_path / 'models').mkdir()
     (tmp_path / 'models' / BACKBONES['vgg16'].weights_file).write_bytes(b'not the real file')
     # the cached file is found (no probe), Keras's md5 check rejects it and tries to re-download: a clear error again
-    with pytest.raises(WeightsUnavailableError, match='vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5'):
+    with pytest.raises(WeightsUnavailableError, match='download failed.*Connection refused') as e:
         resolve_weights('vgg16', 'imagenet')
+    assert 'Download vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5 from' in str(e.value)
+
+
+def test_network_reachable_on_loopback():
+    "True for a listening loopback socket, False (at once) for a closed port."
+    import socket
+    from breast_cancer.model import network_reachable
+    with socket.socket() as server:
+        server.bind(('127.0.0.1', 0)); server.listen(1)
+        assert network_reachable('127.0.0.1', server.getsockname()[1], timeout=2)
+    assert not network_reachable('127.0.0.1', closed_loopback_port(), timeout=2)
 
 
 @pytest.mark.parametrize('fmt', ['legacy_notop_h5', 'keras3_weights_h5'])
@@ -223,11 +266,20 @@ def test_default_input_sizes():
     assert {n: b.default_size for n, b in BACKBONES.items()} == {'resnet50': 224, 'vgg16': 224, 'vgg19': 224, 'inception_v3': 299}
 
 
-def test_freeze_options_and_bn_always_frozen():
-    model = build_resnet50((SIZE, SIZE, 1), weights=None, head='dense512_bn', freeze='none')
+@pytest.fixture(scope='module')
+def local_weights(tmp_path_factory):
+    "A local 'pretrained' ResNet-50 notop weights file: random weights saved to a temporary .weights.h5."
+    path = tmp_path_factory.mktemp('weights') / 'resnet50_local.weights.h5'
+    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3)).save_weights(path)
+    return str(path)
+
+
+def test_freeze_options_and_bn_frozen_with_pretrained_weights(local_weights):
+    model = build_resnet50((SIZE, SIZE, 1), weights=local_weights, head='dense512_bn', freeze='none')
     backbone = get_backbone(model)
     bns = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
     assert bns and not any(l.trainable for l in bns)
+    assert {l.momentum for l in bns} == {0.99}                 # pretrained: Keras's BN untouched
     assert all(l.trainable for l in backbone.layers if l not in bns)
     assert model.get_layer('head_bn').trainable
     assert set_trainable_blocks(model, 'base') == [] and not backbone.trainable_weights
@@ -240,8 +292,44 @@ def test_freeze_options_and_bn_always_frozen():
     with pytest.raises(ConfigError, match='0 to 16'): set_trainable_blocks(model, -1)
 
 
-def test_fine_tune_two_phases_keeps_bn_in_inference(images):
-    model = build_resnet50((SIZE, SIZE, 1), weights=None, dropout=0.0)
+def test_random_init_trains_batchnorm(images):
+    "weights=None: BatchNorm trains (a test that fails if BN stays frozen under random initialisation)."
+    model = build_resnet50((SIZE, SIZE, 1), weights=None, freeze='none')
+    backbone = get_backbone(model)
+    bns = [l for l in backbone.layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert len(bns) == 53 and all(l.trainable for l in bns) and {l.momentum for l in bns} == {0.9}
+    assert len(model.trainable_weights) == len(model.weights) - 2 * len(bns)   # all but the moving mean/variance
+    # freeze=2 from random init: the two top blocks train with their BatchNorm
+    assert set_trainable_blocks(model, 2, train_bn=True) == ['conv5_block3', 'conv5_block2']
+    assert any(w.path.startswith('conv5_block3_1_bn') for w in backbone.trainable_weights)
+    set_trainable_blocks(model, 'none', train_bn=True)
+    compile_model(model, 1e-3)
+    before = [keras.ops.convert_to_numpy(b.moving_variance).copy() for b in bns]
+    model.train_on_batch(images, np.array([0, 1, 0], 'float32'))
+    moved = [not np.allclose(b0, keras.ops.convert_to_numpy(b.moving_variance)) for b0, b in zip(before, bns)]
+    assert all(moved), f'{moved.count(False)} BatchNorm layers kept their initial statistics during fit'
+
+
+def test_random_init_validation_predictions_not_constant():
+    "After a few steps from random init and a BatchNorm refresh (what train.train does), validation predictions vary."
+    rng = np.random.default_rng(0)
+    x = rng.random((48, SIZE, SIZE, 1), dtype='float32') * 0.5
+    y = (rng.random(48) < 0.5).astype('float32')
+    x[y == 1, 10:20, 10:20] += 0.5                                  # a bright square: something to learn
+    keras.utils.set_random_seed(0)
+    model = compile_model(build_resnet50((SIZE, SIZE, 1), weights=None, freeze='none'), 1e-3)
+    model.fit(x[:32], y[:32], batch_size=8, epochs=2, verbose=0)   # 8 steps
+    lagging = keras.ops.convert_to_numpy(model(x[32:], training=False)).reshape(-1)
+    assert refresh_batchnorm(model, [x[:16], x[16:32]]) == 2
+    p = keras.ops.convert_to_numpy(model(x[32:], training=False)).reshape(-1)
+    print('validation probabilities, moving statistics', np.round(np.sort(lagging), 3), 'refreshed', np.round(np.sort(p), 3))
+    assert np.ptp(p) > 1e-3, f'constant validation predictions: {p[:5]}'
+    assert np.mean((p < 1e-4) | (p > 1 - 1e-4)) < 0.5, f'saturated validation predictions: {p[:5]}'
+
+
+@pytest.mark.slow  # test_train.py::test_fine_tune_config_phases_train_what_they_claim checks the same phases through train
+def test_fine_tune_two_phases_keeps_bn_in_inference(images, local_weights):
+    model = build_resnet50((SIZE, SIZE, 1), weights=local_weights, dropout=0.0)
     backbone = get_backbone(model)
     # called in training mode, the model still uses BN moving statistics (backbone called with training=False)
     np.testing.assert_array_equal(keras.ops.convert_to_numpy(model(images, training=True)),
@@ -324,9 +412,10 @@ MIRRORED = textwrap.dedent('''
     rng = np.random.default_rng(0)
     x, y = rng.random((8, 32, 32, 1), dtype='float32'), np.array([0, 1] * 4, 'float32')
     before = [w.numpy().copy() for w in model.trainable_weights]
-    hist = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    hist = model.fit(x, y, batch_size=8, epochs=2, verbose=0)  # 2 steps: the zero-gamma residual branches open on the first
     changed = sum(not np.array_equal(a, w.numpy()) for a, w in zip(before, model.trainable_weights))
-    print(json.dumps(dict(replicas=strategy.num_replicas_in_sync, loss=hist.history['loss'][0],
+    same = [w.path for a, w in zip(before, model.trainable_weights) if np.array_equal(a, w.numpy())]
+    print(json.dumps(dict(replicas=strategy.num_replicas_in_sync, loss=hist.history['loss'][0], same=same,
                           changed=changed, trainable=len(before), iterations=int(model.optimizer.iterations.numpy()),
                           variable_type=type(model.trainable_weights[0].value).__name__)))
 ''')
@@ -338,6 +427,9 @@ def test_mirrored_strategy_two_logical_cpus_trains_a_step(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     print(out)
-    assert out['replicas'] == 2 and out['iterations'] == 1 and np.isfinite(out['loss'])
-    assert out['changed'] == out['trainable'] > 2          # head and the unfrozen block both updated
+    assert out['replicas'] == 2 and out['iterations'] == 2 and np.isfinite(out['loss'])
+    # the head and every convolution of the unfrozen block updated. The residual branch starts closed (its last BatchNorm
+    # has gamma 0), so after 2 steps the updates of the gammas at 1.0 before it can be below float32 resolution
+    assert out['trainable'] > 2 and out['changed'] >= out['trainable'] - 2, out
+    assert all(p.endswith('_bn/gamma') for p in out['same']), out['same']
     assert 'Mirrored' in out['variable_type']

@@ -1,25 +1,21 @@
 """Integration tests of the report batch: papermill runs of the real templates in quick mode, HTML embedding, the index,
 failure isolation and the never-overwrite-a-good-report rule. Quick mode: tiny images, 1 epoch of 2 steps, weights=None."""
-import json, os
+import json, os, re
 from pathlib import Path
-import pandas as pd
+import numpy as np, pandas as pd
 import pytest
 
-from breast_cancer.report import (embedded_images, execute_notebook, external_images, run_reports, _write_demo_template)
+from breast_cancer.report import (REPORTED, ReportFailed, embedded_images, execute_notebook, external_images, paper_tables,
+                                  run_reports, summary_frame, _write_demo_template)
+
 
 MIN_FIGURES = {'mias': 10, 'breakhis': 6, 'idc': 7}
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-    "Runs and reports in a temporary folder; the image cache stays shared (it is keyed by content)."
-    root = tmp_path_factory.mktemp('reports')
-    old = {k: os.environ.get(k) for k in ('BREAST_CANCER_RUNS', 'MPLBACKEND')}
-    os.environ['BREAST_CANCER_RUNS'] = str(root / 'runs')
-    yield root
-    for k, v in old.items():
-        if v is None: os.environ.pop(k, None)
-        else: os.environ[k] = v
+def env(isolated_dirs):
+    "Runs, the image cache and reports in this module's temporary folder (the kernels inherit the variables)."
+    return isolated_dirs
 
 
 @pytest.fixture(scope='module')
@@ -84,9 +80,10 @@ def test_index(batch):
     mias1 = summary[(summary.dataset == 'mias') & summary.model.str.startswith('model 1')].iloc[0]
     assert mias1.status == 'ok' and 0 <= mias1.accuracy <= 1 and mias1.accuracy_lo <= mias1.accuracy <= mias1.accuracy_hi
     bh2 = summary[(summary.dataset == 'breakhis') & summary.model.str.startswith('model 2')].iloc[0]
-    assert bh2.reported_accuracy == pytest.approx(0.947)
+    assert bh2.reported_accuracy == pytest.approx(0.9467)                  # published_results.yaml, as the paper prints it
     md = (out / 'summary.md').read_text()
-    assert 'Table 1' in md and 'Table 2' in md and '94.7%' in md
+    assert 'Table 1' in md and 'Table 2' in md and '94.67%' in md and '98.7%' in md   # BreakHis and the cascade paper's MIAS
+    assert 'too few to estimate' in md and 'leakage audit of' in md                    # sample-size marks, the audit's result
 
 
 def test_failed_rerun_keeps_good_report(batch, env):
@@ -117,11 +114,111 @@ def test_kernel_is_this_python(tmp_path, monkeypatch):
     monkeypatch.setenv('JUPYTER_DATA_DIR', str(tmp_path / 'jupyter'))
     demo = _write_demo_template(tmp_path / 'demo.ipynb')
     res = execute_notebook(demo, tmp_path / 'out' / 'demo', {'accuracy': 0.6}, progress=False)
-    assert json.loads(Path(res['metrics']).read_text())['stages']['stage1']['accuracy']['value'] == 0.6
-    with pytest.raises(Exception):  # the registered (bogus) kernel is used when asked for by name
+    stages = json.loads(Path(res['metrics']).read_text())['stages']
+    assert (stages['stage1']['accuracy']['value'], stages['stage2']['accuracy']['value']) == (0.6, 0.3)
+    with pytest.raises(ReportFailed, match='/nonexistent/python'):  # the registered (bogus) kernel is used when asked for by name
         execute_notebook(demo, tmp_path / 'out' / 'demo2', {}, kernel_name='python3', progress=False, timeout=60)
 
 
+def test_report_stages_are_the_cascade_stages(batch):
+    """metrics.json's stage 1 is normal vs abnormal on every test image, stage 2 benign vs malignant on the true abnormals:
+    recomputed from the run's predictions.csv, and carried into the index as model 1 and model 2."""
+    out, _ = batch
+    m = json.loads((out / 'mias' / 'default-quick.metrics.json').read_text())
+    pred = pd.read_csv(Path(m['run_dir']) / 'predictions.csv')
+    t1, t2 = m['thresholds']['stage1'], m['thresholds']['stage2']
+    abnormal = pred.true_label != 'normal'
+    said_abnormal = pred.p_abnormal >= t1
+    ab = pred[abnormal]
+    said_malignant, malignant = ab.p_malignant >= t2, ab.true_label == 'malignant'
+    s1, s2 = m['stages']['stage1'], m['stages']['stage2']
+    assert (s1['n'], s2['n']) == (len(pred), int(abnormal.sum())) and s1['n'] > s2['n'] > 0
+    assert s1['accuracy']['value'] == pytest.approx((said_abnormal == abnormal).mean())
+    assert s1['sensitivity']['value'] == pytest.approx(said_abnormal[abnormal].mean())
+    assert s1['specificity']['value'] == pytest.approx((~said_abnormal[~abnormal]).mean())
+    assert s2['accuracy']['value'] == pytest.approx((said_malignant == malignant).mean())
+    if malignant.any(): assert s2['sensitivity']['value'] == pytest.approx(said_malignant[malignant].mean())
+    summary = pd.read_csv(out / 'summary.csv').set_index(['dataset', 'model'])
+    assert summary.loc[('mias', 'model 1 (normal vs abnormal)'), 'n'] == s1['n']
+    assert summary.loc[('mias', 'model 2 (benign vs malignant)'), 'n'] == s2['n']
+    assert summary.loc[('mias', 'model 2 (benign vs malignant)'), 'accuracy'] == pytest.approx(s2['accuracy']['value'])
+
+
+def parse_published(text: str) -> dict:
+    "{(stage, dataset): {metric: fraction}} from PUBLISHED_RESULTS.md: the cascade paper's Tables 1-2, BreakHis and IDC."
+    out, names = {}, {'MIAS': 'mias', 'DDSM': 'ddsm', 'CBIS-DDSM': 'cbis_ddsm'}
+    cascade = text.split('## Wavelet + ResNet-50 two-stage cascade', 1)[1].split('\n## ', 1)[0]
+    for stage, part in (('stage1', cascade.split('Table 1', 1)[1].split('Table 2', 1)[0]), ('stage2', cascade.split('Table 2', 1)[1])):
+        for ds, acc, spec, sens in re.findall(r'^\| *([A-Z-]+) *\| *([\d.]+) *\| *([\d.]+) *\| *([\d.]+) *\|$', part, re.M):
+            out[(stage, names[ds])] = dict(accuracy=float(acc) / 100, specificity=float(spec) / 100, sensitivity=float(sens) / 100)
+    breakhis = text.split('## BreakHis', 1)[1].split('\n## ', 1)[0]
+    out[('stage2', 'breakhis')] = dict(accuracy=float(re.search(r'accuracy (0\.\d+)', breakhis)[1]))
+    idc = text.split('## IDC', 1)[1].split('\n## ', 1)[0]
+    out[('stage2', 'idc')] = dict(accuracy=float(re.search(r'accuracy ([\d.]+)% on', idc)[1]) / 100,
+                                  roc_auc=float(re.search(r'ROC AUC (0\.\d+)', idc)[1]))
+    return out
+
+
+@pytest.fixture(scope='module')
+def published(published_results_md):
+    "The published numbers, read from ../shared/PUBLISHED_RESULTS.md (skip without it)."
+    pub = parse_published(published_results_md.read_text())
+    assert pub[('stage1', 'mias')] == pytest.approx(dict(accuracy=.987, specificity=.9841, sensitivity=.9856))  # the parser works
+    return pub
+
+
+def _decimals(v: float) -> int:
+    "How many decimals a number was written with (0.947 -> 3)."
+    return next(d for d in range(1, 9) if abs(round(v, d) - v) < 1e-12)
+
+
+def _printed(v: float) -> str:
+    "A published fraction as a percentage with the decimals the paper printed (0.9841 -> '98.41%', 0.88 -> '88%')."
+    return f'{100 * v:.{max(_decimals(v) - 2, 0)}f}%'
+
+
+MODELS = {'stage1': 'model 1 (normal vs abnormal)', 'stage2': 'model 2 (benign vs malignant)'}
+
+
+def shown_published(published) -> list:
+    """Every reported number the summary and paper tables show, checked to be the published one (to the decimals it
+    was entered with) in the right model's row; returns (stage, dataset, metric, value) of those compared."""
+    reports = [dict(dataset=d, run_name='r', status='ok', good_metrics={'stages': {'stage1': {}, 'stage2': {}}})
+               for d in sorted({d for _, d in published})]
+    summary = summary_frame(reports).set_index(['dataset', 'model'])
+    tables = paper_tables(summary.reset_index())
+    models, compared = MODELS, []
+    for (stage, dataset), metrics in published.items():
+        for k, value in metrics.items():
+            shown = summary.loc[(dataset, models[stage]), f'reported_{k}']
+            if pd.isna(shown): continue                                    # not entered (yet): nothing shown
+            entered = round(value, _decimals(shown))                       # the published number as precisely as entered
+            assert shown == pytest.approx(entered, abs=1e-9), (stage, dataset, k, shown, value)
+            if k != 'roc_auc':
+                row = tables[models[stage]].set_index('dataset').loc[dataset]
+                assert row[f'{k} reported (not reproduced)'] == _printed(entered), (stage, dataset, k)
+            compared.append((stage, dataset, k, entered))
+    return compared
+
+
+def test_reports_show_the_published_numbers(published):
+    compared = shown_published(published)
+    assert ('stage2', 'breakhis', 'accuracy') in [c[:3] for c in compared], compared   # at least one is entered
+
+
+def test_batch_index_shows_the_published_numbers(published, batch):
+    "The batch's own summary.csv and summary.md carry the published numbers in the same rows."
+    models, compared = MODELS, shown_published(published)
+    out, _ = batch
+    csv = pd.read_csv(out / 'summary.csv').set_index(['dataset', 'model'])
+    md = (out / 'summary.md').read_text()
+    for stage, dataset, k, entered in compared:
+        if (dataset, models[stage]) in csv.index and k != 'roc_auc':
+            assert csv.loc[(dataset, models[stage]), f'reported_{k}'] == pytest.approx(entered, abs=1e-9), (stage, dataset, k)
+            assert _printed(entered) in md
+
+
+@pytest.mark.slow  # a second full papermill run (ResNet-50 and VGG16)
 def test_comparative_study_quick(env):
     out = env / 'cmp'
     res = run_reports('mias', template='comparative_study', out_dir=out, quick=True, progress=False)

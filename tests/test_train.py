@@ -4,9 +4,10 @@ import json, os
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 
-keras = pytest.importorskip('keras')
+import keras
 from breast_cancer.core import ConfigError, DataError, seed_everything
 from breast_cancer import data, train as T
+from breast_cancer.model import small_cnn
 
 TINY = {'name': 'tiny', 'data': {'image_size': 32, 'val_size': 0.2, 'test_size': 0.2}, 'wavelet': None,
         'model': {'weights': None},
@@ -14,13 +15,10 @@ TINY = {'name': 'tiny', 'data': {'image_size': 32, 'val_size': 0.2, 'test_size':
 
 
 def tiny_model(config=None, seed=None):
-    "A small conv net with the contract's interface (float32 [0, 1] images in, one sigmoid unit out)."
+    "The package's stand-in network (model.small_cnn) at the config's input size, seeded."
     if seed is not None: seed_everything(seed)
     size = 32 if config is None else T.load_config(config).data.image_size
-    x = inp = keras.Input((size, size, 1))
-    x = keras.layers.Conv2D(4, 3, strides=2, activation='relu')(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    return keras.Model(inp, keras.layers.Dense(1, activation='sigmoid')(x))
+    return small_cnn((size, size, 1))
 
 
 @pytest.fixture(scope='module')
@@ -61,12 +59,13 @@ def test_config_errors_name_key_and_allowed(tmp_path):
 
 def test_presets_load_and_round_trip(repo_root):
     for name in ('demo', 'paper_resnet50_cascade'):
-        c = T.load_config(repo_root/'configs'/f'{name}.yaml')
+        c = T.load_config(name)
+        assert T.load_config(repo_root/'breast_cancer'/'configs'/f'{name}.yaml') == c == T.load_config(f'configs/{name}.yaml')
         assert T.load_config(c.to_dict()) == c
-    paper = T.load_config(repo_root/'configs'/'paper_resnet50_cascade.yaml')
+    paper = T.load_config('paper_resnet50_cascade')
     assert (paper.model.backbone, paper.model.weights, paper.train.epochs, paper.train.batch_size) == ('resnet50', 'imagenet', 20, 32)
     assert paper.wavelet['level'] == 4 and paper.wavelet['wavelet'].startswith('db')
-    demo = T.load_config(repo_root/'configs'/'demo.yaml')
+    demo = T.load_config('demo')
     assert demo.model.weights is None and demo.data.image_size <= 64 and demo.task == 'cascade'
 
 
@@ -203,3 +202,84 @@ def test_clr_schedule_from_config():
         assert float(s(0)) == pytest.approx(0.001) and float(s(20)) == pytest.approx(0.001)
         if mode != 'exp_range': assert float(s(10)) == pytest.approx(0.01)   # peak after one step size
     assert T.clr_schedule(c.replace(**{'train.clr.step_size': 7}), 5).get_config()['step_size'] == 7
+
+
+# ---------------------------------------------------------------- issue 12: fine-tuning, LR, class weights, learnability
+class _PhaseProbe(keras.callbacks.Callback):
+    "Records, per fit call, the trainable weights and the learning rate the optimizer applies at each step."
+    def __init__(self): super().__init__(); self.trainable, self.lrs = [], []
+    def on_train_begin(self, logs=None):
+        self.trainable.append(sorted(w.path for w in self.model.trainable_weights)); self.lrs.append([])
+    def on_train_batch_begin(self, batch, logs=None):
+        self.lrs[-1].append(float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)))
+
+
+def test_fine_tune_config_phases_train_what_they_claim(manifest, tmp_path):
+    "train.fine_tune with a local weights file: head only, then the top block without BN; the CLR reaches the optimizer."
+    weights = tmp_path / 'resnet50_local.weights.h5'
+    keras.applications.ResNet50(include_top=False, weights=None, input_shape=(32, 32, 3)).save_weights(weights)
+    c = T.load_config({**TINY, 'model': {'weights': str(weights), 'freeze': 'base'},
+                       'train': {**TINY['train'], 'epochs': 2, 'fine_tune': {'head_epochs': 1, 'unfreeze_blocks': 1, 'lr': 0.001},
+                                 'clr': {'initial_learning_rate': 0.001, 'maximal_learning_rate': 0.01, 'step_size': 2}}})
+    from breast_cancer.model import build_model, TriangularCyclicalLearningRate
+    model = build_model('resnet50', (32, 32, 1), weights=str(weights), freeze='base')
+    probe = _PhaseProbe()
+    T.train(model, manifest, c, run_dir=tmp_path / 'run', callbacks=[probe], verbose=0)
+    head, top = probe.trainable
+    assert head == ['p_positive/bias', 'p_positive/kernel']
+    assert len(top) == 2 + 6 and all(p.startswith(('conv5_block3_', 'p_positive/')) and '_bn/' not in p for p in top), top
+    assert {p.split('/')[0] for p in top} == {'p_positive', 'conv5_block3_1_conv', 'conv5_block3_2_conv', 'conv5_block3_3_conv'}
+    clr = TriangularCyclicalLearningRate(0.001, 0.01, 2)
+    expected = [float(clr(i)) for i in range(2)]                    # a fresh optimizer each phase: steps 0, 1
+    np.testing.assert_allclose(probe.lrs[0], expected, rtol=1e-6)                       # phase 1: train.clr
+    np.testing.assert_allclose(probe.lrs[1], [v * 0.1 for v in expected], rtol=1e-6)    # phase 2: peak = fine_tune.lr
+    hist = T.history_from_csv(tmp_path / 'run' / 'stage1' / 'history.csv')
+    assert hist['epoch'] == [0, 1]                                   # one log across both phases
+
+
+def test_class_weights_reach_the_loss(manifest, tmp_path):
+    "With lr 0 and no BN/dropout, the logged loss equals the class-weighted mean of the per-image losses, not the plain mean."
+    c = T.load_config({**TINY, 'train': {'epochs': 1, 'batch_size': 64, 'steps_per_epoch': None, 'class_imbalance': 'class_weights',
+                                        'augment': {'enabled': False}, 'bn_refresh_batches': 0, 'restore_best': False,
+                                        'clr': {'initial_learning_rate': 0.0, 'maximal_learning_rate': 0.0}}})
+    seed_everything(0)  # no BatchNorm: training-mode and inference-mode losses must be the same function
+    model = keras.Sequential([keras.Input((32, 32, 1)), keras.layers.Conv2D(4, 3, strides=2, activation='relu'),
+                              keras.layers.GlobalAveragePooling2D(), keras.layers.Dense(1, activation='sigmoid')])
+    rows, y = T.target_rows(manifest[manifest['split'] == 'train'], 'abnormal')
+    x = np.concatenate([np.asarray(b) for b in T.make_dataset(rows, c, labels=False)])
+    p = np.clip(keras.ops.convert_to_numpy(model(x)).reshape(-1).astype('float64'), 1e-7, 1 - 1e-7)
+    losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
+    w = np.vectorize(T.class_weights(y).get)(y.astype(int))
+    assert len(rows) <= 64 and not np.isclose(w.min(), w.max())      # one batch; imbalanced classes
+    h = T.train(model, manifest, c, run_dir=tmp_path / 'run', verbose=0)
+    assert h.history['loss'][0] == pytest.approx((w * losses).sum() / len(y), rel=1e-4)
+    assert abs((w * losses).sum() / len(y) - losses.mean()) > 1e-3
+
+
+def test_learnability_small_cnn_learns_an_easy_signal(cache_env, tmp_path):
+    "The tiny learnability check: a few steps on bright discs; the loss falls and the test AUC is far above chance."
+    curve = T.learnability({**TINY, 'train': {'batch_size': 16}}, models=('small_cnn',), steps=40, eval_every=20,
+                           amplitude=0.8, size=0.1, kind='disc', workdir=tmp_path, log_fn=None,
+                           overrides={'train.clr.maximal_learning_rate': 0.05})
+    print(curve.to_string())
+    assert list(curve['step']) == [20, 40, 40] and curve['final'].tolist() == [False, False, True]
+    assert curve['loss'].iloc[1] < curve['loss'].iloc[0]
+    assert curve['test_auc'].iloc[-1] > 0.8
+    assert curve['p_max'].iloc[-1] - curve['p_min'].iloc[-1] > 0.1    # not a constant prediction
+
+
+def test_learnability_trains_a_random_init_backbone_with_the_from_scratch_recipe(cache_env, tmp_path, monkeypatch):
+    "A backbone without pretrained weights gets FROM_SCRATCH (Adam); the small CNN and explicit overrides keep theirs."
+    from breast_cancer import model as bc_model
+    seen = []
+    monkeypatch.setattr(bc_model, 'build_model', lambda *a, **k: small_cnn((32, 32, 1), blocks=1, width=4))
+    def fake_train(net, task, c, **k):   # records what each model would train with; the callback measures the untrained net
+        seen.append((k['run_dir'].name, c.train.optimizer, c.get('train.clr.maximal_learning_rate'))); k['callbacks'][0].set_model(net)
+    monkeypatch.setattr(T, 'train', fake_train)
+    T.learnability({**TINY, 'model': {'weights': None}}, steps=2, eval_every=2, workdir=tmp_path, log_fn=None)
+    assert seen[0][:2] == ('resnet50', 'adam') and seen[0][2] == T.FROM_SCRATCH['train.clr.maximal_learning_rate']
+    assert seen[1][0] == 'small_cnn' and seen[1][1] != 'adam'            # the reference CNN keeps the config's optimizer
+    seen.clear()
+    T.learnability({**TINY, 'model': {'weights': None}}, steps=2, eval_every=2, workdir=tmp_path / 'b', log_fn=None,
+                   overrides={'train.clr.maximal_learning_rate': 0.02})
+    assert seen[0][1] == 'adam' and seen[0][2] == 0.02                      # an explicit key wins over the recipe
