@@ -1,8 +1,12 @@
 """Shared pytest fixtures: the repository root, the bundled samples, the full data in ../shared when present, and two
 guards for the whole suite: no connection beyond this machine (loopback only), and a checkout left as it was found."""
-import ipaddress, os, socket, subprocess
+import ipaddress, os, socket, subprocess, sys
 from pathlib import Path
 import pytest
+
+# With stdin closed (CI, cron), importing keras fails at collection: keras imports IPython, which asks stdin's encoding,
+# and pytest's capture asserts that sys.__stdin__ exists. Open /dev/null in its place (it takes the free fd 0).
+if sys.__stdin__ is None: sys.__stdin__ = open(os.devnull)
 
 os.environ.setdefault('MPLBACKEND', 'Agg')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

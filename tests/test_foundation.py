@@ -76,3 +76,11 @@ def test_loopback_guard_refuses_other_addresses(loopback_only):
         socket.create_connection(server.getsockname(), timeout=2).close()
         with socket.socket() as c: c.connect(('localhost', server.getsockname()[1]))
     assert loopback_only == []
+
+def test_suite_collects_with_stdin_closed(repo_root):
+    "CI runs with no standard input: collecting a module that imports keras (which imports IPython) must still work."
+    import os
+    res = subprocess.run([sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/test_cascade.py'],
+                         cwd=repo_root, capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.close(0))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    assert 'test_thresholds_never_see_test_rows' in res.stdout
