@@ -163,5 +163,5 @@ def test_bench_cache_cli_prints_same_run_ratios(tmp_path):
     r = subprocess.run([sys.executable, '-c', CLI, 'bench', 'cache', '--n', '40', '--size', '256', '--films', '1',
                         '--workers', '1', '--film-shape', '240x150'], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    for s in ('× decode (target <= 2)', 'source / model', 'scaling efficiency', '/s (target >= 2,000)', 'the float32 image', 'load average'):
+    for s in ('× decode (target <= 2)', 'source / model', 'scaling efficiency', 'memory-bound NumPy work', '/s (target >= 2,000)', 'the float32 image', 'load average'):
         assert s in r.stdout, (s, r.stdout)
