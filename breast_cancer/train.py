@@ -1101,7 +1101,7 @@ def split_cpu(n: int = 2) -> list[str]:
     return [d.name for d in tf.config.list_logical_devices('CPU')]
 
 # %% ../nbs/04_train.ipynb #3b99964b
-def bench_distribute(config='configs/demo.yaml', # the config whose data, augmentation and backbone to use
+def bench_distribute(config='demo', # the config whose data, augmentation and backbone to use
                      image_size: int = 64, # model input size
                      batch_size: int = 16, # per-replica batch
                      steps: int = 6, # timed training steps per measurement (after 2 warm-up steps)

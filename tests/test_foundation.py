@@ -1,5 +1,5 @@
 """The foundation: README and index agree, the bundled sample and its checksums, the CLI entry point."""
-import hashlib, json, re, subprocess, sys
+import hashlib, json, os, re, subprocess, sys
 from pathlib import Path
 import numpy as np
 import pytest
@@ -79,7 +79,6 @@ def test_loopback_guard_refuses_other_addresses(loopback_only):
 
 def test_suite_collects_with_stdin_closed(repo_root):
     "CI runs with no standard input: collecting a module that imports keras (which imports IPython) must still work."
-    import os
     res = subprocess.run([sys.executable, '-m', 'pytest', '--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/test_cascade.py'],
                          cwd=repo_root, capture_output=True, text=True, timeout=600, preexec_fn=lambda: os.close(0))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
