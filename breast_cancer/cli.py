@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument('--size', type=int, default=None, help='image size in pixels (benchmark-specific default)')
     sp.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
     sp.add_argument('--config', default=None, help='config for the pipeline and learn benchmarks')
-    sp.add_argument('--films', type=int, default=64, help='cache: links to the generated film per cache fill')
+    sp.add_argument('--films', type=int, default=128, help='cache: links to the generated film per cache fill')
     sp.add_argument('--film-shape', default='4800x3000', help='cache: rows x columns of the generated 16-bit film')
     sp.add_argument('--baseline', default=None, help='cache: an older breast_cancer/data.py to compare against in the same run')
     sp.add_argument('--steps', type=int, default=200, help='learn: training steps per model')

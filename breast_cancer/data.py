@@ -6,6 +6,7 @@
 from __future__ import annotations
 import contextlib, hashlib, importlib, math, os, re, shutil, tarfile, tempfile, urllib.error, urllib.parse, urllib.request
 from collections.abc import Callable, Iterable, MutableSequence
+from typing import NamedTuple
 from pathlib import Path
 import numpy as np
 import pandas as pd
@@ -18,7 +19,7 @@ __all__ = ['LABELS', 'MANIFEST_SCHEMA', 'MANIFEST_COLUMNS', 'OPTIONAL_COLUMNS', 
            'IMAGE_SUFFIXES', 'DATASETS', 'SAMPLES', 'DATA_DIRS', 'MIAS_URL', 'INSTRUCTIONS', 'validate_manifest',
            'make_manifest', 'read_image', 'write_pgm', 'write_dicom', 'parse_mias_info', 'load_mias',
            'check_patient_leakage', 'patient_split', 'patient_kfold', 'save_split', 'load_split', 'plot_class_balance',
-           'show_examples', 'show_lesions', 'resize_longer', 'image_cache_key', 'transform_and_resize',
+           'show_examples', 'show_lesions', 'resize_longer', 'read_resized', 'image_cache_key', 'transform_and_resize',
            'cache_file_problem', 'cache_images', 'load_cached', 'bench_cache', 'load_csv', 'load_folder', 'dataset_dir',
            'get_loader', 'load_dataset', 'checksums_file', 'read_checksums', 'safe_extract', 'verify_checksums',
            'download']
@@ -155,6 +156,12 @@ def _affine_to_unit(raw: np.ndarray, k: float, b: float) -> np.ndarray:
         np.clip(blk, 0, 1, out=blk)
     return a
 
+class _Stored(NamedTuple):
+    "Stored 8/16-bit pixels whose display values are clip(k * raw + b, 0, 1): a read before its one scaling pass."
+    raw: np.ndarray; k: float; b: float
+    in_range: bool = False  # k * raw + b is already within [0, 1] (no pixel clips): scaling commutes with averaging
+    def to_unit(self) -> np.ndarray: return _affine_to_unit(self.raw, self.k, self.b)
+
 _NATIVE_LE = ('1.2.840.10008.1.2', '1.2.840.10008.1.2.1')  # implicit and explicit VR little endian: pixels stored as they are
 
 def _dicom_pixels(ds) -> np.ndarray:
@@ -185,8 +192,8 @@ def _dicom_affine(ds, raw: np.ndarray, path, nonfinite: str) -> tuple[float, flo
         k, b = (slope / (hi - lo), (intercept - lo) / (hi - lo)) if hi > lo else (0.0, 0.0)
     return (-k, 1 - b) if str(ds.get('PhotometricInterpretation', '')).upper() == 'MONOCHROME1' else (k, b)
 
-def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray:
-    "Read a DICOM file with pydicom: modality LUT, VOI LUT/window, MONOCHROME1 inverted, scaled to [0, 1] in float32."
+def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray|_Stored:
+    "Read a DICOM file with pydicom: modality LUT, VOI LUT/window, MONOCHROME1 inverted, in [0, 1] (float32, or `_Stored` if linear)."
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     ds = None
@@ -207,8 +214,8 @@ def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray:
         a *= 1 / hi; return np.clip(a, 0, 1, out=a)
     if raw.dtype.kind == 'f': raw = np.array(raw, np.float32); _finite_range(raw, path, nonfinite)  # float pixel data: NaN/inf handled as asked
     kb = _dicom_affine(ds, raw, path, nonfinite)
-    if kb is not None:  # one pass into float32: two full-size copies at most (the stored pixels and the result)
-        return _affine_to_unit(raw, *kb)
+    if kb is not None:  # scaled later in one pass (two full-size copies at most), or while shrinking (`read_resized`)
+        return _Stored(raw, *kb, in_range='WindowCenter' not in ds)   # no window: k, b map the image's own range onto [0, 1]
     a = apply_modality_lut(raw, ds).astype(np.float32)  # a modality LUT, a VOI LUT or a SIGMOID window: pydicom's own
     if 'VOILUTSequence' in ds:
         lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64); lo, hi = float(lut.min()), float(lut.max())
@@ -231,12 +238,12 @@ def _check_complete(im, path: Path):
         if path.stat().st_size < need:
             raise DataError(f'{path}: truncated image file ({path.stat().st_size} bytes, the header promises {need}); download it again')
 
-def _pil_to_float(im, path='image', nonfinite: str = 'error') -> np.ndarray:
-    "A Pillow image as float32 in [0, 1]: greyscale (H, W) or colour (H, W, 3); 12-bit data in 16 bits scaled by 4095."
+def _pil_to_float(im, path='image', nonfinite: str = 'error') -> np.ndarray|_Stored:
+    "A Pillow image in [0, 1]: float32 greyscale (H, W) or colour (H, W, 3), or `_Stored` 16-bit pixels (12-bit data scaled by 4095)."
     if im.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I'):
         raw = np.asarray(im); hi = int(raw.max()) if raw.size else 0
         scale = 1 / (4095 if hi <= 4095 else 65535)  # DDSM conversions: 12 bits stored in 16 (max <= 4095)
-        return _affine_to_unit(raw, scale, 0.0)
+        return _Stored(raw, scale, 0.0, in_range=True)
     if im.mode == 'F':
         a = np.array(im, dtype=np.float32); lo, hi = _finite_range(a, path, nonfinite)
         if hi > lo: a -= lo; a *= 1 / (hi - lo)
@@ -247,10 +254,8 @@ def _pil_to_float(im, path='image', nonfinite: str = 'error') -> np.ndarray:
     a = np.asarray(im).astype(np.float32); a /= 255
     return a
 
-def read_image(path, # a PGM (8/16-bit), PNG, JPEG, TIFF or DICOM file
-               nonfinite: str = 'error', # NaN/inf pixels: 'error' (DataError naming the file), 'zero' or 'clip' (to the finite range)
-              ) -> np.ndarray:
-    "Read an image as float32 in [0, 1]: (H, W) greyscale or (H, W, 3) RGB; `DataError` naming the file if it cannot."
+def _read_source(path, nonfinite: str = 'error') -> np.ndarray|_Stored:
+    "`read_image` up to its scaling: a float32 array in [0, 1], or the stored pixels of a linear greyscale read (`_Stored`)."
     from PIL import Image, UnidentifiedImageError
     path = Path(path)
     if nonfinite not in NONFINITE: raise ConfigError(f'nonfinite={nonfinite!r}: use one of {NONFINITE}')
@@ -260,7 +265,8 @@ def read_image(path, # a PGM (8/16-bit), PNG, JPEG, TIFF or DICOM file
         with Image.open(path) as im:
             _check_complete(im, path)
             im.load()
-            return np.ascontiguousarray(_pil_to_float(im, path, nonfinite))
+            a = _pil_to_float(im, path, nonfinite)
+            return a if isinstance(a, _Stored) else np.ascontiguousarray(a)
     except DataError: raise
     except Image.DecompressionBombError as e:
         raise DataError(f'{path}: refusing to decode ({e}); if the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS '
@@ -268,6 +274,14 @@ def read_image(path, # a PGM (8/16-bit), PNG, JPEG, TIFF or DICOM file
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f'{path}: cannot read image ({e}); the file is corrupt or not an image, download it again '
                         'or remove it from the manifest') from e
+
+def read_image(path, # a PGM (8/16-bit), PNG, JPEG, TIFF or DICOM file
+               nonfinite: str = 'error', # NaN/inf pixels: 'error' (DataError naming the file), 'zero' or 'clip' (to the finite range)
+              ) -> np.ndarray:
+    "Read an image as float32 in [0, 1]: (H, W) greyscale or (H, W, 3) RGB; `DataError` naming the file if it cannot."
+    a = _read_source(path, nonfinite)
+    return a.to_unit() if isinstance(a, _Stored) else a
+
 
 # %% ../nbs/01_data.ipynb #e96515f6
 def write_pgm(path, arr: np.ndarray, maxval: int|None = None) -> Path:
@@ -658,6 +672,14 @@ def _tqdm():
         from tqdm.auto import tqdm
     return tqdm
 
+_REDUCING_GAP = 3.0  # Pillow's reducing_gap for every shrink (see resize_longer)
+
+def _shrink_plan(h: int, w: int, size: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    "The (width, height) `resize_longer` gives an (h, w) image, and the box factors (fx, fy) Pillow reduces by first."
+    scale = int(size) / max(h, w)
+    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    return new, (int(w / new[0] / _REDUCING_GAP) or 1, int(h / new[1] / _REDUCING_GAP) or 1)
+
 def resize_longer(arr: np.ndarray, # float32 image, (H, W) or (H, W, C), values in [0, 1]
                   size: int|None, # the new longer side in pixels; None returns `arr` unchanged
                  ) -> np.ndarray:
@@ -666,12 +688,40 @@ def resize_longer(arr: np.ndarray, # float32 image, (H, W) or (H, W, C), values 
     # 4× faster, and within 72 dB PSNR of the plain Lanczos result); smaller factors are exact Lanczos
     if size is None: return arr
     from PIL import Image
-    h, w = arr.shape[:2]; scale = int(size) / max(h, w)
-    new = (max(1, round(w * scale)), max(1, round(h * scale)))
+    h, w = arr.shape[:2]; new, _ = _shrink_plan(h, w, size)
     if new == (w, h): return arr
     chans = [arr] if arr.ndim == 2 else [arr[..., c] for c in range(arr.shape[2])]
-    out = [np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32), mode='F').resize(new, Image.Resampling.LANCZOS, reducing_gap=3.0)) for c in chans]
+    out = [np.asarray(Image.fromarray(np.ascontiguousarray(c, dtype=np.float32), mode='F').resize(new, Image.Resampling.LANCZOS, reducing_gap=_REDUCING_GAP)) for c in chans]
     return np.clip(out[0] if arr.ndim == 2 else np.stack(out, -1), 0, 1).astype(np.float32)
+
+def _box_reduce(s: _Stored, fx: int, fy: int) -> np.ndarray:
+    "Pillow's `reduce((fx, fy))` of `s.to_unit()`, in blocks of whole boxes that stay in the CPU cache: no full-size float32."
+    from PIL import Image
+    h, w = s.raw.shape; rows = max(fy, ((1 << 19) // w) // fy * fy)  # about 2 MB of float32 per block
+    out = np.empty((-(-h // fy), -(-w // fx)), np.float32)
+    for i in range(0, h, rows):
+        blk = np.ascontiguousarray(s.raw[i:i + rows])
+        # in range: average the stored values (Pillow converts 8/16-bit to float itself) and scale the small result
+        im = Image.fromarray(blk).convert('F') if s.in_range else Image.fromarray(_affine_to_unit(blk, s.k, s.b), mode='F')
+        r = im.reduce((fx, fy)); out[i // fy:i // fy + r.size[1]] = np.asarray(r)
+    if s.in_range: out *= np.float32(s.k); out += np.float32(s.b)   # the mean of k·x + b is k·mean(x) + b
+    return out
+
+def read_resized(path, # an image file, as for `read_image`
+                 size, # the longer side of the result (None keeps it), or a function of the source's shape that gives it
+                 nonfinite: str = 'error', # NaN/inf pixels, as for `read_image`
+                ) -> np.ndarray:
+    "`resize_longer(read_image(path), size)` (equal within 1e-6), without ever holding the full-size float32 image of a 8/16-bit film."
+    from PIL import Image
+    s = _read_source(path, nonfinite)
+    shape = (s.raw if isinstance(s, _Stored) else s).shape
+    size = size(shape) if callable(size) else size
+    if not isinstance(s, _Stored) or size is None or s.raw.ndim != 2 or s.raw.dtype not in (np.uint8, np.uint16):
+        return resize_longer(s.to_unit() if isinstance(s, _Stored) else s, size)
+    (h, w), (new, (fx, fy)) = shape, _shrink_plan(*shape, size)
+    if fx * fy == 1: return resize_longer(s.to_unit(), size)   # no box reduction to fold the scaling into
+    small = Image.fromarray(_box_reduce(s, fx, fy), mode='F')
+    return np.clip(np.asarray(small.resize(new, Image.Resampling.LANCZOS, box=(0, 0, w / fx, h / fy))), 0, 1).astype(np.float32)
 
 # %% ../nbs/01_data.ipynb #2976e78d
 def _transform_key(transform) -> str:
@@ -732,7 +782,10 @@ def _save_npy_atomic(dst: str, arr: np.ndarray):
 def _cache_one(src: str, dst: str, size, transform, nonfinite: str = 'error') -> str|None:
     "Fill one cache file; returns an error message instead of raising (so one bad file does not stop the pool)."
     try:
-        arr = transform_and_resize(read_image(src, nonfinite), size, transform)
+        if size is not None and (transform is None or _runs_at(transform) == 'model'):   # shrink while reading
+            arr = read_resized(src, size if transform is None else lambda shape: _work_size(shape, size, transform), nonfinite)
+        else: arr = read_image(src, nonfinite)
+        arr = transform_and_resize(arr, size, transform)
         if not np.isfinite(arr).all():  # clip keeps NaN: only a transform can have made it
             return f'{src}: the transform {_transform_key(transform)} produced NaN pixels; nothing was cached for it'
         _save_npy_atomic(dst, arr)
@@ -836,7 +889,7 @@ def _image_pixels(path: str) -> int:
         with Image.open(path) as im: return im.size[0] * im.size[1] * len(im.getbands())
     except Exception: return 0
 
-PEAK_BYTES_PER_PIXEL = {'source': 25, 'model': 10}  # peak bytes per source pixel of one image (read, wavelet, resize), measured
+PEAK_BYTES_PER_PIXEL = {'source': 26, 'model': 4}  # peak resident bytes per source pixel of one image, measured (`bench cache`)
 
 def _cache_plan(todo: list, sizes: list, workers: int|None) -> tuple[int, int]:
     "(workers, images per pool task): many small files (IDC patches) go in batches, full-size films one at a time."

@@ -458,6 +458,17 @@ def _peak_mb(fn) -> float:
     try: fn(); return tracemalloc.get_traced_memory()[1] / 2**20
     finally: tracemalloc.stop()
 
+def _film_peak_rss(src: str, dst: str, size: int, at: str) -> float|None:
+    "Peak resident memory of caching one film in this process, in bytes above what it held before (Linux; None elsewhere)."
+    import re
+    from breast_cancer.data import _cache_one
+    status = lambda key: int(re.search(rf'{key}:\s+(\d+) kB', Path('/proc/self/status').read_text())[1]) << 10
+    try: Path('/proc/self/clear_refs').write_text('5'); before = status('VmRSS')   # reset the high-water mark to now
+    except (OSError, TypeError): return None
+    err = _cache_one(src, dst, size, WaveletPreprocessor(at=at))
+    if err: raise RuntimeError(err)
+    return float(status('VmHWM') - before)
+
 def _link(src: Path, dst: Path) -> str:
     "`dst` as another name of `src` (a hard link: many films cost no disk), or a copy where links are not allowed."
     try: os.link(src, dst)
@@ -493,17 +504,18 @@ def _machine_scaling(workers: int, fn=_spin, n: int = 10_000_000, repeats: int =
     return best(1) / (workers * best(workers))
 
 # %% ../nbs/02_wavelet.ipynb #77e9ca1c
-def bench_cache_scale(films: int = 64, # links to the generated 4800×3000 film to cache (per fill; a dataset has thousands)
+def bench_cache_scale(films: int = 128, # links to the generated 4800×3000 film to cache (per fill, about 3 s in one process; a dataset has thousands)
                       size: int = 512, # cache size (longer side) of the films
                       n_patches: int = 20_000, # IDC-like 50×50 patches to cache (277,524 for the whole dataset)
                       workers: int = 2, # processes of the parallel runs
-                      repeats: int = 3, # timing repeats for the single reads and the fills (the best is kept)
+                      repeats: int = 3, # timing repeats for the single reads (the best is kept)
+                      fill_repeats: int = 5, # fills with 1 and with `workers` processes, alternating (the best of each is kept)
                       baseline=None, # path of an older `breast_cancer/data.py` to compare against in the same run
                       film_shape: tuple = (4800, 3000), # rows, columns of the generated film (CBIS-DDSM size)
                       verbose: bool = True, # print the report
                      ) -> dict:
     "Generate a 16-bit DICOM film, a 16-bit PNG and an IDC-like tree; time reads, the wavelet and cache fills against the decoders."
-    import shutil, tempfile, pydicom
+    import concurrent.futures as cf, importlib, multiprocessing as mp, shutil, tempfile, pydicom
     from PIL import Image
     from breast_cancer import data as bc_data
     from breast_cancer.histo import load_idc
@@ -519,6 +531,8 @@ def bench_cache_scale(films: int = 64, # links to the generated 4800×3000 film 
         r['dicom_read_s'] = _best(lambda: bc_data.read_image(dcm), repeats)
         r['png_decode_s'] = _best(pil_decode, repeats)
         r['png_read_s'] = _best(lambda: bc_data.read_image(png), repeats)
+        r['shrink_two_step_s'] = _best(lambda: bc_data.resize_longer(bc_data.read_image(dcm), size), repeats)
+        r['shrink_fused_s'] = _best(lambda: bc_data.read_resized(dcm, size), repeats)
         r['float32_mb'] = px.size * 4 / 2**20
         r['dicom_read_peak_mb'] = _peak_mb(lambda: bc_data.read_image(dcm))
         img = bc_data.read_image(dcm)
@@ -526,8 +540,12 @@ def bench_cache_scale(films: int = 64, # links to the generated 4800×3000 film 
         r['wavelet_source_s'] = _best(lambda: bc_data.transform_and_resize(img, size, src), 1)
         r['wavelet_model_s'] = _best(lambda: bc_data.transform_and_resize(img, size, mdl), 1)
         del img
-        for at in ('source', 'model'):
+        for at in ('source', 'model'):   # everything resident counts, Pillow's buffers too; in a fresh interpreter, since a
+            # forked worker reuses its parent's freed heap and would hide its own peak
             r[f'cache_one_peak_mb_{at}'] = _peak_mb(lambda: bc_data._cache_one(str(dcm), str(d/'peak.npy'), size, WaveletPreprocessor(at=at)))
+            with cf.ProcessPoolExecutor(1, mp_context=mp.get_context('spawn'), initializer=bc_data._cache_worker_init) as pool:
+                rss = pool.submit(importlib.import_module('breast_cancer.wavelet')._film_peak_rss, str(dcm), str(d/'peak.npy'), size, at).result()
+            r[f'cache_one_rss_mb_{at}'] = None if rss is None else rss / 2**20
         fm = bc_data.make_manifest([dict(image_id=f'f{k}', image_path=_link(dcm, d/f'f{k}.dcm'), patient_id=f'p{k}',
                                          label='normal') for k in range(films)], 'bench')
         few = fm.head(min(films, 4))   # the slow routes (source, old code) on a few films
@@ -537,7 +555,7 @@ def bench_cache_scale(films: int = 64, # links to the generated 4800×3000 film 
         r['machine_scaling'] = _machine_scaling(workers)   # the ceilings the fills below are measured against: pure Python,
         r['memory_scaling'] = _machine_scaling(workers, _stream, 40)   # and memory-bound NumPy work
         fills = {1: [], workers: []}
-        for k in range(repeats):   # alternate 1 and `workers` processes so that a change in load hits both; a new cache each time
+        for k in range(fill_repeats):   # alternate 1 and `workers` processes so that a change in load hits both; a new cache each time
             for w in fills: fills[w].append(_best(lambda: fill(w, f'f{w}_{k}'), 1) / films); shutil.rmtree(d/f'f{w}_{k}')
         r['fill_1_s'], r[f'fill_{workers}_s'] = min(fills[1]), min(fills[workers])
         r['fill_efficiencies'] = [a / (workers * b) for a, b in zip(fills[1], fills[workers])]   # run by run
@@ -562,24 +580,30 @@ def bench_cache_scale(films: int = 64, # links to the generated 4800×3000 film 
 # %% ../nbs/02_wavelet.ipynb #bbd49397
 def _bench_cache_text(r: dict) -> str:
     "The report of `bench_cache_scale`: every number with its same-run ratio."
+    from breast_cancer.data import PEAK_BYTES_PER_PIXEL
     w, ms = r['workers'], lambda s: f'{1000 * s:8.1f} ms'
-    effs = ' '.join(f'{e:.2f}' for e in r['fill_efficiencies'])
+    effs = ' '.join(f'{e:.2f}' for e in r['fill_efficiencies']) + f" (median {float(np.median(r['fill_efficiencies'])):.2f})"
     load = lambda k: ' '.join(f'{x:.2f}' for x in r[k]) if r.get(k) else 'n/a'
     lines = [f"cache benchmark: {r['cpu_count']} cores, load average {load('load_before')} before, {load('load_after')} after",
              f"  {r['film_shape'][0]}×{r['film_shape'][1]} 16-bit DICOM  pydicom decode {ms(r['dicom_decode_s'])} | read_image {ms(r['dicom_read_s'])} = "
              f"{r['dicom_read_s'] / r['dicom_decode_s']:.2f}× decode (target <= 2)",
              f"  {r['film_shape'][0]}×{r['film_shape'][1]} 16-bit PNG    Pillow decode  {ms(r['png_decode_s'])} | read_image {ms(r['png_read_s'])} = "
              f"{r['png_read_s'] / r['png_decode_s']:.2f}× decode (target <= 2)",
+             f"  read + resize to {r['size']}: read_image then resize_longer {ms(r['shrink_two_step_s'])} | read_resized (shrinks while it scales) "
+             f"{ms(r['shrink_fused_s'])} = {r['shrink_two_step_s'] / r['shrink_fused_s']:.1f}× faster",
              f"  read_image peak memory  {r['dicom_read_peak_mb']:.0f} MB = {r['dicom_read_peak_mb'] / r['float32_mb']:.2f}× the float32 image "
              f"({r['float32_mb']:.0f} MB; target <= 3)",
              f"  wavelet (db4, 4 levels, BayesShrink) + resize to {r['size']}: at source {ms(r['wavelet_source_s'])} | at model "
              f"{ms(r['wavelet_model_s'])} = source / model {r['wavelet_source_s'] / r['wavelet_model_s']:.1f}×",
-             f"  one film through the cache: peak traced by tracemalloc (Pillow's resize buffers not included) "
-             f"{r['cache_one_peak_mb_source'] * 4 / r['float32_mb']:.1f} bytes per source pixel with the wavelet at source, "
-             f"{r['cache_one_peak_mb_model'] * 4 / r['float32_mb']:.1f} at model",
+             f"  one film through the cache: peak "
+             + (f"resident memory above the worker's own {r['cache_one_rss_mb_source'] * 4 / r['float32_mb']:.1f} bytes per source pixel "
+                f"with the wavelet at source, {r['cache_one_rss_mb_model'] * 4 / r['float32_mb']:.1f} at model (PEAK_BYTES_PER_PIXEL: "
+                f"{PEAK_BYTES_PER_PIXEL['source']}, {PEAK_BYTES_PER_PIXEL['model']}); traced by tracemalloc "
+                if r.get('cache_one_rss_mb_model') is not None else 'traced by tracemalloc (Pillow\'s buffers not included) ')
+             + f"{r['cache_one_peak_mb_source'] * 4 / r['float32_mb']:.1f} and {r['cache_one_peak_mb_model'] * 4 / r['float32_mb']:.1f}",
              f"  cache fill, {r['films']} films (wavelet at {AT_DEFAULT})  1 process {ms(r['fill_1_s'])}/film = "
              f"{r['fill_1_s'] / r['dicom_decode_s']:.1f}× decode | {w} processes {ms(r[f'fill_{w}_s'])}/film: scaling efficiency "
-             f"{r['fill_1_s'] / (w * r[f'fill_{w}_s']):.2f}, best against best (run by run {effs}; target >= 0.9; the pool's start-up, "
+             f"{r['fill_1_s'] / (w * r[f'fill_{w}_s']):.2f}, best of {len(r['fill_efficiencies'])} against best of {len(r['fill_efficiencies'])} (run by run {effs}; target >= 0.9; the pool's start-up, "
              f"{ms(r['pool_start_s'])}, included) | in the same run this machine scales a pure-Python loop {r['machine_scaling']:.2f} and "
              f"memory-bound NumPy work {r['memory_scaling']:.2f} | "
              f"at source, 1 process {ms(r['fill_1_source_s'])}/film = "

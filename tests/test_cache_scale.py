@@ -131,6 +131,20 @@ print('start', flush=True)
 data.cache_images(m, size=32, transform=Slow(), cache_root=sys.argv[2], workers=int(sys.argv[3]), progress=False)
 """
 
+@pytest.mark.parametrize('window', [None, (30000, 20000)])
+def test_cache_of_16_bit_films_equals_read_then_resize(tmp_path, window):
+    # the pool reads 16-bit films straight to the cache size (read_resized): the same pixels as read_image then resize,
+    # with and without a window that clips, with no transform and with the wavelet at `model`
+    from breast_cancer.wavelet import WaveletPreprocessor
+    px = np.random.default_rng(0).integers(500, 60000, (900, 560)).astype(np.uint16)
+    films = [write_dicom(tmp_path / f'f{k}.dcm', px[::-1] if k else px, window=window) for k in range(2)]
+    Image.fromarray(px).save(tmp_path / 'f.png'); films.append(tmp_path / 'f.png')
+    for tf in (None, WaveletPreprocessor(level=3, at='model')):
+        out = cache_images(_manifest(films), size=96, transform=tf, cache_root=tmp_path / 'c', workers=2, progress=False)
+        for f, c in zip(films, out.cache_path):
+            want = data.transform_and_resize(read_image(f), 96, tf)
+            np.testing.assert_allclose(load_cached(c), want, atol=1e-5)
+
 @pytest.mark.parametrize('workers', [1, 2])
 def test_ctrl_c_keeps_finished_files_and_resumes(tmp_path, mias_sample, workers):
     (tmp_path / 'fill.py').write_text(FILL)
