@@ -243,7 +243,7 @@ def _pil_to_float(im, path='image', nonfinite: str = 'error') -> np.ndarray|_Sto
     if im.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I'):
         raw = np.asarray(im); hi = int(raw.max()) if raw.size else 0
         scale = 1 / (4095 if hi <= 4095 else 65535)  # DDSM conversions: 12 bits stored in 16 (max <= 4095)
-        return _Stored(raw, scale, 0.0, in_range=True)
+        return _Stored(raw, scale, 0.0, in_range=raw.dtype.kind == 'u')   # unsigned: 0 <= raw <= its scale's maximum
     if im.mode == 'F':
         a = np.array(im, dtype=np.float32); lo, hi = _finite_range(a, path, nonfinite)
         if hi > lo: a -= lo; a *= 1 / (hi - lo)
