@@ -238,12 +238,27 @@ def _check_complete(im, path: Path):
         if path.stat().st_size < need:
             raise DataError(f'{path}: truncated image file ({path.stat().st_size} bytes, the header promises {need}); download it again')
 
+_PGM = re.compile(rb'P5(?:\s+|#[^\n]*\n)+(\d+)(?:\s+|#[^\n]*\n)+(\d+)(?:\s+|#[^\n]*\n)+(\d+)\s')  # binary PGM header
+
+def _read_pgm16(path: Path) -> _Stored|None:
+    "A binary 16-bit PGM read with NumPy, or None for any other file: Pillow decodes a maxval other than 65535 in Python (9 s a film)."
+    from PIL import Image
+    with open(path, 'rb') as f: m = _PGM.match(f.read(1024))
+    if m is None or int(m[3]) < 256: return None
+    w, h, maxval = map(int, m.groups()); need, size = m.end() + 2 * w * h, path.stat().st_size
+    if Image.MAX_IMAGE_PIXELS and w * h > 2 * Image.MAX_IMAGE_PIXELS:   # Pillow's decompression-bomb limit, as for other files
+        raise DataError(f'{path}: refusing to decode ({w}×{h} pixels exceeds twice PIL.Image.MAX_IMAGE_PIXELS); if the image is '
+                        'genuine, raise PIL.Image.MAX_IMAGE_PIXELS before reading it')
+    if size < need: raise DataError(f'{path}: truncated image file ({size} bytes, the header promises {need}); download it again')
+    raw = np.fromfile(path, dtype='>u2', count=w * h, offset=m.end()).reshape(h, w).astype(np.uint16)  # big-endian, as Netpbm says
+    return _Stored(raw, 1 / maxval, 0.0, in_range=bool(raw.size) and int(raw.max()) <= maxval)   # maxval is white, as Pillow reads it
+
 def _pil_to_float(im, path='image', nonfinite: str = 'error') -> np.ndarray|_Stored:
     "A Pillow image in [0, 1]: float32 greyscale (H, W) or colour (H, W, 3), or `_Stored` 16-bit pixels (12-bit data scaled by 4095)."
     if im.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I'):
         raw = np.asarray(im); hi = int(raw.max()) if raw.size else 0
         scale = 1 / (4095 if hi <= 4095 else 65535)  # DDSM conversions: 12 bits stored in 16 (max <= 4095)
-        return _Stored(raw, scale, 0.0, in_range=raw.dtype.kind == 'u')   # unsigned: 0 <= raw <= its scale's maximum
+        return _Stored(raw, scale, 0.0, in_range=raw.dtype.kind == 'u')   # unsigned: 0 <= raw <= the scale's maximum
     if im.mode == 'F':
         a = np.array(im, dtype=np.float32); lo, hi = _finite_range(a, path, nonfinite)
         if hi > lo: a -= lo; a *= 1 / (hi - lo)
@@ -262,6 +277,9 @@ def _read_source(path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     if not path.is_file(): raise DataError(f'image not found: {path}; check the path (and the dataset root) in the manifest')
     if _is_dicom(path): return _read_dicom(path, nonfinite)
     try:
+        if path.suffix.lower() in ('.pgm', '.pnm'):
+            s = _read_pgm16(path)
+            if s is not None: return s
         with Image.open(path) as im:
             _check_complete(im, path)
             im.load()
@@ -698,25 +716,26 @@ def _box_reduce(s: _Stored, fx: int, fy: int) -> np.ndarray:
     "Pillow's `reduce((fx, fy))` of `s.to_unit()`, in blocks of whole boxes that stay in the CPU cache: no full-size float32."
     from PIL import Image
     h, w = s.raw.shape; rows = max(fy, ((1 << 19) // w) // fy * fy)  # about 2 MB of float32 per block
+    fold = s.in_range and s.raw.dtype in (np.uint8, np.uint16, np.int32)   # the integer types Pillow takes as they are
     out = np.empty((-(-h // fy), -(-w // fx)), np.float32)
     for i in range(0, h, rows):
         blk = np.ascontiguousarray(s.raw[i:i + rows])
-        # in range: average the stored values (Pillow converts 8/16-bit to float itself) and scale the small result
-        im = Image.fromarray(blk).convert('F') if s.in_range else Image.fromarray(_affine_to_unit(blk, s.k, s.b), mode='F')
+        # in range: average the stored values (Pillow converts them to float itself) and scale the small result
+        im = Image.fromarray(blk).convert('F') if fold else Image.fromarray(_affine_to_unit(blk, s.k, s.b), mode='F')
         r = im.reduce((fx, fy)); out[i // fy:i // fy + r.size[1]] = np.asarray(r)
-    if s.in_range: out *= np.float32(s.k); out += np.float32(s.b)   # the mean of k·x + b is k·mean(x) + b
+    if fold: out *= np.float32(s.k); out += np.float32(s.b)   # the mean of k·x + b is k·mean(x) + b
     return out
 
 def read_resized(path, # an image file, as for `read_image`
                  size, # the longer side of the result (None keeps it), or a function of the source's shape that gives it
                  nonfinite: str = 'error', # NaN/inf pixels, as for `read_image`
                 ) -> np.ndarray:
-    "`resize_longer(read_image(path), size)` (equal within 1e-6), without ever holding the full-size float32 image of a 8/16-bit film."
+    "`resize_longer(read_image(path), size)` (equal within 1e-6), without ever holding the full-size float32 image of a greyscale film."
     from PIL import Image
     s = _read_source(path, nonfinite)
     shape = (s.raw if isinstance(s, _Stored) else s).shape
     size = size(shape) if callable(size) else size
-    if not isinstance(s, _Stored) or size is None or s.raw.ndim != 2 or s.raw.dtype not in (np.uint8, np.uint16):
+    if not isinstance(s, _Stored) or size is None or s.raw.ndim != 2:
         return resize_longer(s.to_unit() if isinstance(s, _Stored) else s, size)
     (h, w), (new, (fx, fy)) = shape, _shrink_plan(*shape, size)
     if fx * fy == 1: return resize_longer(s.to_unit(), size)   # no box reduction to fold the scaling into
