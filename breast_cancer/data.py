@@ -229,14 +229,17 @@ def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     return a
 
 # %% ../nbs/01_data.ipynb #7eabd67b
+def _truncated(path: Path, size: int, need: int) -> DataError:
+    "The error for a raw image file shorter than its header promises."
+    return DataError(f'{path}: truncated image file ({size} bytes, the header promises {need}); download it again')
+
 def _check_complete(im, path: Path):
     "Raise DataError when a raw (PGM) file is shorter than its header promises."
     tile = getattr(im, 'tile', None) or []
     if im.format == 'PPM' and tile and tile[0][0] in ('raw', 'ppm'):  # binary P5/P6 (not the ASCII P2/P3)
         bps = 2 if im.mode.startswith('I') else 1
         need = tile[0][2] + im.size[0] * im.size[1] * bps * (3 if im.mode == 'RGB' else 1)
-        if path.stat().st_size < need:
-            raise DataError(f'{path}: truncated image file ({path.stat().st_size} bytes, the header promises {need}); download it again')
+        if path.stat().st_size < need: raise _truncated(path, path.stat().st_size, need)
 
 _PGM = re.compile(rb'P5(?:\s+|#[^\n]*\n)+(\d+)(?:\s+|#[^\n]*\n)+(\d+)(?:\s+|#[^\n]*\n)+(\d+)\s')  # binary PGM header
 
@@ -249,7 +252,7 @@ def _read_pgm16(path: Path) -> _Stored|None:
     if Image.MAX_IMAGE_PIXELS and w * h > 2 * Image.MAX_IMAGE_PIXELS:   # Pillow's decompression-bomb limit, as for other files
         raise DataError(f'{path}: refusing to decode ({w}×{h} pixels exceeds twice PIL.Image.MAX_IMAGE_PIXELS); if the image is '
                         'genuine, raise PIL.Image.MAX_IMAGE_PIXELS before reading it')
-    if size < need: raise DataError(f'{path}: truncated image file ({size} bytes, the header promises {need}); download it again')
+    if size < need: raise _truncated(path, size, need)
     raw = np.fromfile(path, dtype='>u2', count=w * h, offset=m.end()).reshape(h, w).astype(np.uint16)  # big-endian, as Netpbm says
     return _Stored(raw, 1 / maxval, 0.0, in_range=bool(raw.size) and int(raw.max()) <= maxval)   # maxval is white, as Pillow reads it
 
