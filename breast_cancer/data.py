@@ -163,17 +163,37 @@ class _Stored(NamedTuple):
     def to_unit(self) -> np.ndarray: return _affine_to_unit(self.raw, self.k, self.b)
 
 _NATIVE_LE = ('1.2.840.10008.1.2', '1.2.840.10008.1.2.1')  # implicit and explicit VR little endian: pixels stored as they are
+_DEFER = 1 << 20  # `dcmread` leaves pixel data above 1 MB on disk, to be mapped rather than copied (a film is 29 MB)
 
-def _dicom_pixels(ds) -> np.ndarray:
-    "The stored pixels: a zero-copy view of native little-endian 8/16-bit greyscale data, else pydicom's `pixel_array`."
+def _mapped_pixels(ds, path: Path, dtype: np.dtype, count: int) -> np.ndarray|None:
+    "The `count` pixels of a deferred `PixelData`, mapped read-only from `path` (no copy); None if it was read or the file is short."
+    try: e = ds.get_item('PixelData', keep_deferred=True)
+    except TypeError: e = ds.get_item('PixelData')   # pydicom 2: get_item never reads a deferred value
+    tell, need = getattr(e, 'value_tell', None), count * dtype.itemsize
+    if getattr(e, 'value', b'') is not None or tell is None or not need <= e.length < 0xFFFFFFFF or os.path.getsize(path) < tell + need:
+        return None   # a short file goes on to pydicom, whose error names it
+    return np.asarray(np.memmap(path, dtype, 'r', offset=tell, shape=(count,)))
+
+def _dicom_pixels(ds, path: Path) -> np.ndarray:
+    "The stored pixels: native little-endian 8/16-bit greyscale data as it lies in the file (mapped, or a view), else `pixel_array`."
     ts = str(getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', ''))
     bits, stored, signed = int(ds.get('BitsAllocated', 0)), int(ds.get('BitsStored', 0)), int(ds.get('PixelRepresentation', 0))
     rows, cols = int(ds.get('Rows', 0)), int(ds.get('Columns', 0))
     if (ts in _NATIVE_LE and bits in (8, 16) and stored <= bits and not (signed and stored < bits) and ds.get('SamplesPerPixel', 1) == 1
-            and int(ds.get('NumberOfFrames', 1) or 1) == 1 and 'PixelData' in ds and len(ds.PixelData) >= rows * cols * bits // 8 > 0):
-        raw = np.frombuffer(ds.PixelData, dtype=f'<{"i" if signed else "u"}{bits // 8}', count=rows * cols).reshape(rows, cols)
-        if stored == bits or int(raw.max()) < (1 << stored): return raw  # unused high bits must be zero
+            and int(ds.get('NumberOfFrames', 1) or 1) == 1 and 'PixelData' in ds and rows * cols > 0):
+        dtype = np.dtype(f'<{"i" if signed else "u"}{bits // 8}')
+        raw = _mapped_pixels(ds, path, dtype, rows * cols)
+        if raw is None and len(ds.PixelData) >= rows * cols * dtype.itemsize: raw = np.frombuffer(ds.PixelData, dtype, count=rows * cols)
+        if raw is not None:
+            raw = raw.reshape(rows, cols)
+            if stored == bits or _value_range(raw)[1] < (1 << stored): return raw  # unused high bits must be zero
     return ds.pixel_array
+
+def _value_range(raw: np.ndarray) -> tuple[float, float]:
+    "(min, max) of an integer image in one pass over memory: both taken block by block while the block is in the CPU cache."
+    rows = max(1, (1 << 20) // max(1, raw[:1].nbytes)); lo, hi = math.inf, -math.inf   # about 1 MB per block
+    for i in range(0, raw.shape[0], rows): blk = raw[i:i + rows]; lo, hi = min(lo, float(blk.min())), max(hi, float(blk.max()))
+    return lo, hi
 
 def _first(v) -> float: return float(v[0] if isinstance(v, (MutableSequence, list, tuple)) else v)  # several windows: the first
 
@@ -187,7 +207,7 @@ def _dicom_affine(ds, raw: np.ndarray, path, nonfinite: str) -> tuple[float, flo
         elif fn == 'LINEAR_EXACT' and w > 0: k, b = slope / w, (intercept - c) / w + 0.5
         else: return None
     else:  # no window: the image's own range after the rescale
-        lo, hi = _finite_range(raw, path, nonfinite) if raw.dtype.kind == 'f' else (float(raw.min()), float(raw.max()))
+        lo, hi = _finite_range(raw, path, nonfinite) if raw.dtype.kind == 'f' else _value_range(raw)
         lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
         k, b = (slope / (hi - lo), (intercept - lo) / (hi - lo)) if hi > lo else (0.0, 0.0)
     return (-k, 1 - b) if str(ds.get('PhotometricInterpretation', '')).upper() == 'MONOCHROME1' else (k, b)
@@ -198,8 +218,8 @@ def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
     ds = None
     try:
-        ds = pydicom.dcmread(path)
-        raw = _dicom_pixels(ds)
+        ds = pydicom.dcmread(path, defer_size=_DEFER)
+        raw = _dicom_pixels(ds, path)
     except Exception as e:  # suggest decoders only when the pixel data is compressed and no decoder could take it
         ts = getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
         no_decoder = any(w in str(e).lower() for w in ('handler', 'plugin', 'dependenc', 'no decoder', 'not installed'))
