@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_wavelet.ipynb #cc0d75e9
 from __future__ import annotations
-import math, os, time, warnings
+import contextlib, math, os, sys, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import numpy as np, pandas as pd
@@ -442,8 +442,16 @@ def _load_baseline(path):
     "Another version of `breast_cancer/data.py` (e.g. `git show <commit>:breast_cancer/data.py > old.py`), imported for comparison."
     import importlib.util
     spec = importlib.util.spec_from_file_location('breast_cancer._baseline_data', path)
-    mod = importlib.util.module_from_spec(spec); mod.__package__ = 'breast_cancer'; spec.loader.exec_module(mod)
+    mod = importlib.util.module_from_spec(spec); mod.__package__ = 'breast_cancer'
+    sys.modules[spec.name] = mod; spec.loader.exec_module(mod)   # registered, so that its functions pickle by name
     return mod
+
+@contextlib.contextmanager
+def _as_data_module(mod):
+    "While the block runs, `mod` is `breast_cancer.data`: a cache pool's (forked) workers look their task function up by that name."
+    real = sys.modules['breast_cancer.data']; sys.modules['breast_cancer.data'] = mod
+    try: yield
+    finally: sys.modules['breast_cancer.data'] = real
 
 def _best(fn, repeats: int) -> float:
     "Best wall time of `repeats` calls, in seconds."
@@ -557,19 +565,24 @@ def bench_cache_scale(films: int = 128, # links to the generated 4800×3000 film
         r['pool_start_s'] = _pool_run(workers)[0]
         r['machine_scaling'] = _machine_scaling(workers)   # the ceilings the fills below are measured against: pure Python,
         r['memory_scaling'] = _machine_scaling(workers, _stream, 40)   # and memory-bound NumPy work
-        fills = {1: [], workers: []}
+        if old is not None: r['old_at'] = 'model' if hasattr(old, '_runs_at') else 'source'   # code older than `wavelet.at` runs it at source
+        # the old code's scaling too, where it is fast enough and its workers can run it (forked children of this process)
+        runs = [('', bc_data)] + ([('old_', old)] if old is not None and r['old_at'] == 'model' and bc_data._pool_context().get_start_method() == 'fork' else [])
+        fills = {(pre, w): [] for pre, _ in runs for w in (1, workers)}
         for k in range(fill_repeats):   # alternate 1 and `workers` processes so that a change in load hits both; a new cache each time
-            for w in fills: fills[w].append(_best(lambda: fill(w, f'f{w}_{k}'), 1) / films); shutil.rmtree(d/f'f{w}_{k}')
-        r['fill_1_s'], r[f'fill_{workers}_s'] = min(fills[1]), min(fills[workers])
-        r['fill_efficiencies'] = [a / (workers * b) for a, b in zip(fills[1], fills[workers])]   # run by run
+            for pre, mod in runs:
+                for w in (1, workers):
+                    with _as_data_module(mod): fills[pre, w].append(_best(lambda: fill(w, f'f{w}_{k}', mod), 1) / films)
+                    shutil.rmtree(d/f'f{w}_{k}')
+        for pre, _ in runs:
+            r[f'{pre}fill_1_s'], r[f'{pre}fill_{workers}_s'] = min(fills[pre, 1]), min(fills[pre, workers])
+            r[f'{pre}fill_efficiencies'] = [a / (workers * b) for a, b in zip(fills[pre, 1], fills[pre, workers])]   # run by run
         r['fill_1_source_s'] = _best(lambda: fill(1, 'c3', at='source', m=few), 1) / len(few)
         if old is not None:
             r['old_dicom_read_s'] = _best(lambda: old.read_image(dcm), repeats)
             r['old_png_read_s'] = _best(lambda: old.read_image(png), repeats)
             r['old_dicom_read_peak_mb'] = _peak_mb(lambda: old.read_image(dcm))
-            r['old_at'] = 'model' if hasattr(old, '_runs_at') else 'source'   # code older than `wavelet.at` runs it at source
-            m_old = fm if r['old_at'] == 'model' else few   # all the films where the old code is fast enough, as the new fills
-            r['old_fill_1_s'] = _best(lambda: fill(1, 'c0', old, m=m_old), 1) / len(m_old)
+            if 'old_fill_1_s' not in r: r['old_fill_1_s'] = _best(lambda: fill(1, 'c0', old, m=few), 1) / len(few)   # slow: a few films
         tree = _write_patch_tree(d/'idc', n_patches, max(2, round(279 * n_patches / 277_524)))
         im = load_idc(tree)
         patch_fill = lambda w, root, mod=bc_data: mod.cache_images(im, size=50, cache_root=d/root, workers=w, progress=False)
@@ -622,7 +635,10 @@ def _bench_cache_text(r: dict) -> str:
         lines += [f"  baseline (old data.py)  DICOM read {ms(r['old_dicom_read_s'])} = {r['old_dicom_read_s'] / r['dicom_decode_s']:.2f}× decode, "
                   f"peak {r['old_dicom_read_peak_mb'] / r['float32_mb']:.2f}× float32 | PNG read {ms(r['old_png_read_s'])} = "
                   f"{r['old_png_read_s'] / r['png_decode_s']:.2f}× decode",
-                  f"                          cache fill (wavelet at {r.get('old_at', 'source')}) {ms(r['old_fill_1_s'])}/film = {r['old_fill_1_s'] / r['dicom_decode_s']:.1f}× decode | "
+                  f"                          cache fill (wavelet at {r.get('old_at', 'source')}) {ms(r['old_fill_1_s'])}/film = {r['old_fill_1_s'] / r['dicom_decode_s']:.1f}× decode"
+                  + (f", {w} processes {ms(r[f'old_fill_{w}_s'])}/film: scaling efficiency {r['old_fill_1_s'] / (w * r[f'old_fill_{w}_s']):.2f} (run by run "
+                     f"{' '.join(f'{e:.2f}' for e in r['old_fill_efficiencies'])}, alternating with the new code's fills)" if 'old_fill_efficiencies' in r else '')
+                  + " | "
                   f"IDC 1 process {r['n_patches'] / r['old_idc_1_s']:,.0f}/s",
                   f"  new / old               DICOM read {r['old_dicom_read_s'] / r['dicom_read_s']:.1f}× faster, PNG read "
                   f"{r['old_png_read_s'] / r['png_read_s']:.1f}× faster, cache fill {r['old_fill_1_s'] / r['fill_1_s']:.1f}× faster"
