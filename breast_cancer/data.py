@@ -172,7 +172,8 @@ def _mapped_pixels(ds, path: Path, dtype: np.dtype, count: int) -> np.ndarray|No
     tell, need = getattr(e, 'value_tell', None), count * dtype.itemsize
     if getattr(e, 'value', b'') is not None or tell is None or not need <= e.length < 0xFFFFFFFF or os.path.getsize(path) < tell + need:
         return None   # a short file goes on to pydicom, whose error names it
-    return np.asarray(np.memmap(path, dtype, 'r', offset=tell, shape=(count,)))
+    try: return np.asarray(np.memmap(path, dtype, 'r', offset=tell, shape=(count,)))
+    except (OSError, ValueError): return None   # a file system that cannot map files: pydicom reads the value instead
 
 def _dicom_pixels(ds, path: Path) -> np.ndarray:
     "The stored pixels: native little-endian 8/16-bit greyscale data as it lies in the file (mapped, or a view), else `pixel_array`."
