@@ -175,8 +175,8 @@ def _mapped_pixels(ds, path: Path, dtype: np.dtype, count: int) -> np.ndarray|No
     try: return np.asarray(np.memmap(path, dtype, 'r', offset=tell, shape=(count,)))
     except (OSError, ValueError): return None   # a file system that cannot map files: pydicom reads the value instead
 
-def _dicom_pixels(ds, path: Path) -> np.ndarray:
-    "The stored pixels: native little-endian 8/16-bit greyscale data as it lies in the file (mapped, or a view), else `pixel_array`."
+def _dicom_pixels(ds, path: Path) -> tuple[np.ndarray, tuple[float, float]|None]:
+    "The stored pixels (native little-endian 8/16-bit greyscale data as it lies in the file, mapped or a view, else `pixel_array`) and their (min, max) if it was taken."
     ts = str(getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', ''))
     bits, stored, signed = int(ds.get('BitsAllocated', 0)), int(ds.get('BitsStored', 0)), int(ds.get('PixelRepresentation', 0))
     rows, cols = int(ds.get('Rows', 0)), int(ds.get('Columns', 0))
@@ -187,8 +187,10 @@ def _dicom_pixels(ds, path: Path) -> np.ndarray:
         if raw is None and len(ds.PixelData) >= rows * cols * dtype.itemsize: raw = np.frombuffer(ds.PixelData, dtype, count=rows * cols)
         if raw is not None:
             raw = raw.reshape(rows, cols)
-            if stored == bits or _value_range(raw)[1] < (1 << stored): return raw  # unused high bits must be zero
-    return ds.pixel_array
+            if stored == bits: return raw, None
+            rng = _value_range(raw)   # unused high bits must be zero; the range is kept for the scaling (one pass, not two)
+            if rng[1] < (1 << stored): return raw, rng
+    return ds.pixel_array, None
 
 def _value_range(raw: np.ndarray) -> tuple[float, float]:
     "(min, max) of an integer image in one pass over memory: both taken block by block while the block is in the CPU cache."
@@ -198,7 +200,7 @@ def _value_range(raw: np.ndarray) -> tuple[float, float]:
 
 def _first(v) -> float: return float(v[0] if isinstance(v, (MutableSequence, list, tuple)) else v)  # several windows: the first
 
-def _dicom_affine(ds, raw: np.ndarray, path, nonfinite: str) -> tuple[float, float]|None:
+def _dicom_affine(ds, raw: np.ndarray, path, nonfinite: str, rng: tuple[float, float]|None = None) -> tuple[float, float]|None:
     "(K, B) with display = clip(K * stored + B, 0, 1) for the usual linear rescale and window, or None for a LUT or SIGMOID."
     if 'ModalityLUTSequence' in ds or 'VOILUTSequence' in ds: return None
     slope, intercept = float(ds.get('RescaleSlope', 1) or 1), float(ds.get('RescaleIntercept', 0) or 0)
@@ -208,7 +210,7 @@ def _dicom_affine(ds, raw: np.ndarray, path, nonfinite: str) -> tuple[float, flo
         elif fn == 'LINEAR_EXACT' and w > 0: k, b = slope / w, (intercept - c) / w + 0.5
         else: return None
     else:  # no window: the image's own range after the rescale
-        lo, hi = _finite_range(raw, path, nonfinite) if raw.dtype.kind == 'f' else _value_range(raw)
+        lo, hi = _finite_range(raw, path, nonfinite) if raw.dtype.kind == 'f' else rng or _value_range(raw)
         lo, hi = sorted((lo * slope + intercept, hi * slope + intercept))
         k, b = (slope / (hi - lo), (intercept - lo) / (hi - lo)) if hi > lo else (0.0, 0.0)
     return (-k, 1 - b) if str(ds.get('PhotometricInterpretation', '')).upper() == 'MONOCHROME1' else (k, b)
@@ -220,7 +222,7 @@ def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     ds = None
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER)
-        raw = _dicom_pixels(ds, path)
+        raw, rng = _dicom_pixels(ds, path)
     except Exception as e:  # suggest decoders only when the pixel data is compressed and no decoder could take it
         ts = getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
         no_decoder = any(w in str(e).lower() for w in ('handler', 'plugin', 'dependenc', 'no decoder', 'not installed'))
@@ -234,7 +236,7 @@ def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray|_Stored:
         a = raw.astype(np.float32); _finite_range(a, path, nonfinite); hi = 255.0 if ds.BitsStored <= 8 else float(2 ** ds.BitsStored - 1)
         a *= 1 / hi; return np.clip(a, 0, 1, out=a)
     if raw.dtype.kind == 'f': raw = np.array(raw, np.float32); _finite_range(raw, path, nonfinite)  # float pixel data: NaN/inf handled as asked
-    kb = _dicom_affine(ds, raw, path, nonfinite)
+    kb = _dicom_affine(ds, raw, path, nonfinite, rng)
     if kb is not None:  # scaled later in one pass (two full-size copies at most), or while shrinking (`read_resized`)
         return _Stored(raw, *kb, in_range='WindowCenter' not in ds)   # no window: k, b map the image's own range onto [0, 1]
     a = apply_modality_lut(raw, ds).astype(np.float32)  # a modality LUT, a VOI LUT or a SIGMOID window: pydicom's own
