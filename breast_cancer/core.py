@@ -12,7 +12,7 @@ import numpy as np
 __all__ = ['BreastCancerError', 'DataError', 'ConfigError', 'WeightsUnavailableError', 'TrainingError', 'LockedError',
            'project_root', 'data_dir', 'cache_dir', 'runs_dir', 'reports_dir', 'package_dir', 'sample_dir',
            'setup_runtime', 'seed_everything', 'get_logger', 'atomic_path', 'atomic_write_text', 'check_name',
-           'path_inside', 'folder_lock', 'file_sha256', 'config_hash']
+           'path_inside', 'folder_lock', 'moved_names', 'file_sha256', 'config_hash']
 
 # %% ../nbs/00_core.ipynb #ab267530
 class BreastCancerError(Exception):
@@ -244,6 +244,18 @@ def folder_lock(folder, # the run or reports folder to own (created if missing)
         del _HELD_LOCKS[str(path)]
         try: os.ftruncate(fd, 0)  # an empty lock file: nobody holds the folder
         finally: os.close(fd)     # closing releases the flock
+
+# %% ../nbs/00_core.ipynb #145c9553
+def moved_names(old: str, # the module the names used to live in, e.g. 'breast_cancer.data'
+                moved: dict[str, str], # {name: new module, e.g. 'bench'}, relative to the package
+               ):
+    "A module `__getattr__` that finds each moved name in its new module, lazily."
+    def __getattr__(name):
+        if name in moved:
+            import importlib
+            return getattr(importlib.import_module(f'breast_cancer.{moved[name]}'), name)
+        raise AttributeError(f"module {old!r} has no attribute {name!r}")
+    return __getattr__
 
 # %% ../nbs/00_core.ipynb #e0c5d107
 def file_sha256(path, chunk: int = 1 << 20) -> str:
