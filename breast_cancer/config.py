@@ -7,21 +7,24 @@ from __future__ import annotations
 import copy, difflib, math
 from pathlib import Path
 import yaml
+from fastcore.basics import patch
 from .core import ConfigError, check_name, config_hash, package_dir, project_root
 
 # %% auto #0
-__all__ = ['SCHEMA', 'Config', 'presets', 'config_path', 'register_check', 'load_config', 'apply_overrides']
+__all__ = ['SCHEMA', 'ConfigKeyError', 'Config', 'choices', 'presets', 'config_path', 'register_check', 'load_config',
+           'apply_overrides']
 
-# %% ../nbs/00a_config.ipynb #592e93a7
+# %% ../nbs/00a_config.ipynb #aa0d6467
 class _Field:
-    "One config leaf: its default, a checker that returns the cleaned value, and what is allowed (for messages)."
-    def __init__(self, default, check, allowed): self.default, self.check, self.allowed = default, check, allowed
+    "One config leaf: its default, a checker that returns the cleaned value, what is allowed (for messages), and its choices."
+    def __init__(self, default, check, allowed, choices=None):
+        self.default, self.check, self.allowed, self.choices = default, check, allowed, choices
 
 def _choice(default, *choices):
     def check(v):
         if v not in choices: raise ValueError
         return v
-    return _Field(default, check, 'one of ' + ', '.join(map(repr, choices)))
+    return _Field(default, check, 'one of ' + ', '.join(map(repr, choices)), choices)
 
 def _num(default, lo=None, hi=None, integer=False, optional=False):
     def check(v):
@@ -48,6 +51,7 @@ def _str(default, optional=False):
         return v
     return _Field(default, check, 'a non-empty string' + (' or null' if optional else ''))
 
+# %% ../nbs/00a_config.ipynb #94b7a174
 def _weights(v):
     if v is None or v == 'imagenet': return v
     if isinstance(v, str) and v: return v
@@ -72,23 +76,63 @@ def _image_size(v):
     if isinstance(v, int) and not isinstance(v, bool) and v >= 8: return v
     raise ValueError
 
-def _dict_or_null(v):
-    if v is None or isinstance(v, dict): return v
+def _wavelet_name(v):
+    import pywt  # only when a wavelet section is given: the config loads without PyWavelets' import time otherwise
+    if isinstance(v, str) and v in pywt.wavelist(kind='discrete'): return v
     raise ValueError
 
-# %% ../nbs/00a_config.ipynb #b4b4a322
+def _gains(v):
+    "enhance: false/null (off), true (the module's default gains) or one gain >= 0 per level, finest first."
+    if v is None or v is False: return False
+    if v is True: return True
+    if isinstance(v, (list, tuple)) and v and all(isinstance(g, (int, float)) and not isinstance(g, bool) and math.isfinite(g) and g >= 0 for g in v):
+        return [float(g) for g in v]
+    raise ValueError
+
+def _mapping(v):
+    if isinstance(v, dict): return dict(v)
+    raise ValueError
+
+# %% ../nbs/00a_config.ipynb #16f5e910
+def _section(schema: dict, key: str, allowed: str):
+    "A field that is null (the step is off) or a mapping checked against its own `schema` (defaults filled in)."
+    def check(v):
+        if v is None: return None
+        if not isinstance(v, dict): raise ValueError
+        return _resolve(v, schema, key + '.')
+    f = _Field(None, check, allowed)
+    f.schema = schema
+    return f
+
+# %% ../nbs/00a_config.ipynb #2ea4d17b
 _DATASET = {'name': _str('mias'), 'root': _str(None, optional=True),
-            'options': _Field({}, lambda v: dict(v) if isinstance(v, dict) else (_ for _ in ()).throw(ValueError()),
-                              'a mapping of keyword arguments for data.load_dataset')}
+            'options': _Field({}, _mapping, 'a mapping of keyword arguments for data.load_dataset')}
 
 _FINE_TUNE = {'head_epochs': _num(1, lo=1, integer=True), 'unfreeze_blocks': _num(1, lo=0, integer=True),
               'lr': _num(None, lo=0.0, optional=True)}
 
-def _fine_tune(v):
-    if v is None: return None
-    if not isinstance(v, dict): raise ValueError
-    return _resolve(v, _FINE_TUNE, 'train.fine_tune.')
+_WAVELET = {  # the fields of wavelet.WaveletPreprocessor
+    'wavelet': _Field('db4', _wavelet_name, "a discrete PyWavelets wavelet such as 'db4', 'sym8' or 'haar'"),
+    'level': _num(4, lo=1, hi=12, integer=True),
+    'method': _choice('BayesShrink', 'BayesShrink', 'VisuShrink', None),
+    'mode': _choice('soft', 'soft', 'hard'),
+    'sigma': _num(None, lo=0.0, optional=True),
+    'enhance': _Field(False, _gains, 'false, true (default gains) or a list of gains >= 0, one per level'),
+    'at': _choice('model', 'source', 'model'),
+}
 
+_STAIN = {  # the settings of wavelet.StainNormalizer
+    'method': _choice('macenko', 'macenko', 'reinhard'),
+    'target': _str(None, optional=True),
+    'params': _Field(None, lambda v: None if v is None else _mapping(v), 'null or the fitted parameters (StainNormalizer.params)'),
+    'Io': _num(240, lo=1, hi=255, integer=True),
+    'alpha': _num(1.0, lo=0.0, hi=50.0),
+    'beta': _num(0.15, lo=0.0),
+    'min_tissue': _num(0.01, lo=0.0, hi=1.0),
+    'on_failure': _choice('keep', 'keep', 'raise'),
+}
+
+# %% ../nbs/00a_config.ipynb #bb71c961
 SCHEMA = {
     'name': _Field('run', _name, "a plain name: letters, digits, '-', '_' and '.' (it names the run folder runs/<name>)"),
     'task': _choice('cascade', 'cascade', 'binary'),
@@ -107,8 +151,8 @@ SCHEMA = {
         'folds': _num(5, lo=2, hi=20, integer=True),
         'max_images': _num(None, lo=4, integer=True, optional=True),
     },
-    'wavelet': _Field(None, _dict_or_null, 'null or a mapping (WaveletPreprocessor.to_dict())'),
-    'stain': _Field(None, _dict_or_null, "null or a mapping (wavelet.StainNormalizer.to_dict(), e.g. {method: macenko})"),
+    'wavelet': _section(_WAVELET, 'wavelet', 'null (off) or a mapping {wavelet, level, method, mode, sigma, enhance, at}'),
+    'stain': _section(_STAIN, 'stain', 'null (off) or a mapping {method, target, params, Io, alpha, beta, min_tissue, on_failure}'),
     'model': {
         'backbone': _choice('resnet50', 'resnet50', 'vgg16', 'vgg19', 'inception_v3'),
         'head': _choice('gap', 'gap', 'avgpool_dense', 'dense512_bn'),
@@ -138,7 +182,7 @@ SCHEMA = {
         },
         'restore_best': _bool(True),
         'bn_refresh_batches': _num(8, lo=0, integer=True),
-        'fine_tune': _Field(None, _fine_tune, 'null or a mapping {head_epochs, unfreeze_blocks, lr}'),
+        'fine_tune': _section(_FINE_TUNE, 'train.fine_tune', 'null or a mapping {head_epochs, unfreeze_blocks, lr}'),
         'deterministic': _bool(True),
         'augment': {
             'enabled': _bool(True),
@@ -166,16 +210,26 @@ SCHEMA = {
     'tracking': _choice('tensorboard', 'tensorboard', 'mlflow', 'none'),  # mlflow: TensorBoard and an MLflow run
 }
 
-# %% ../nbs/00a_config.ipynb #9999a522
+# %% ../nbs/00a_config.ipynb #86069007
+def _short(v, n: int = 80) -> str:
+    "`repr(v)` cut to `n` characters: a value in an error message is quoted, never dumped whole."
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 15] + f'... ({len(r)} characters)'
+
+# %% ../nbs/00a_config.ipynb #66ea7067
+class ConfigKeyError(ConfigError, AttributeError, KeyError):
+    "An unknown config key: a `ConfigError` that is also what attribute and item access raise."
+    def __str__(self): return str(self.args[0])
+
 def _unknown(key, where, allowed):
     close = difflib.get_close_matches(key.split('.')[-1], allowed, n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ''
-    return ConfigError(f"unknown config key '{key}'{hint}: allowed keys in {where} are {', '.join(allowed)}")
+    return ConfigKeyError(f"unknown config key '{key}'{hint}: allowed keys in {where} are {', '.join(allowed)}")
 
 def _resolve(user, schema, prefix=''):
     if user is None: user = {}
     if not isinstance(user, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {user!r}")
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {_short(user)}")
     for k in user:
         if k not in schema: raise _unknown(prefix + str(k), f"'{prefix.rstrip('.')}'" if prefix else 'the top level', list(schema))
     out = {}
@@ -185,51 +239,93 @@ def _resolve(user, schema, prefix=''):
         if spec is None: continue
         v = user.get(k, copy.deepcopy(spec.default))
         try: out[k] = spec.check(v)
+        except ConfigError: raise
         except (ValueError, TypeError):
-            raise ConfigError(f"bad value for config key '{key}': {v!r}; allowed: {spec.allowed}") from None
+            raise ConfigError(f"bad value for config key '{key}': {_short(v)}; allowed: {spec.allowed}") from None
     return out
 
+# %% ../nbs/00a_config.ipynb #ae449ed2
 def _resolve_datasets(v):
     if v is None: v = [{'name': 'mias'}]
     if isinstance(v, (str, dict)): v = [v]
     if not isinstance(v, list) or not v:
-        raise ConfigError(f"bad value for config key 'datasets': {v!r}; allowed: a list of {{name, root, options}} mappings")
+        raise ConfigError(f"bad value for config key 'datasets': {_short(v)}; allowed: a list of {{name, root, options}} mappings")
     out = []
     for i, d in enumerate(v):
         if isinstance(d, str): d = {'name': d}
         out.append(_resolve(d, _DATASET, f'datasets[{i}].'))
     return out
 
-# %% ../nbs/00a_config.ipynb #1bccf4cd
-class Config:
-    "A validated run configuration: attribute access to sections, `to_dict`, `to_yaml`, `replace`."
-    def __init__(self, d: dict): object.__setattr__(self, '_d', d)
+# %% ../nbs/00a_config.ipynb #b95f89bc
+class Config(dict):
+    "A validated, read-only run configuration: `c.train.clr.step_size`, `c['train']`, `**c.wavelet`, `to_yaml`, `replace`."
+    __slots__ = ('_where',)
+    def __init__(self, d: dict, where: str = ''):
+        super().__init__(d); object.__setattr__(self, '_where', where)
     def __getattr__(self, k):
-        try: v = self._d[k]
-        except KeyError: raise AttributeError(k) from None
-        return Config(v) if isinstance(v, dict) and k not in ('wavelet', 'stain', 'options') else v
-    def __setattr__(self, k, v): raise AttributeError('Config is read-only: use config.replace(**{"train.epochs": 2})')
-    def __getitem__(self, k): return self.__getattr__(k)
-    def __eq__(self, o): return isinstance(o, Config) and self._d == o._d
-    def __repr__(self): return f'Config({self._d!r})'
-    def get(self, dotted: str, default=None):
-        "The value at a dotted key such as `'train.clr.mode'`."
-        v = self._d
-        for part in dotted.split('.'):
-            if not isinstance(v, dict) or part not in v: return default
-            v = v[part]
-        return copy.deepcopy(v)
-    def to_dict(self) -> dict: return copy.deepcopy(self._d)
-    def to_yaml(self) -> str: return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
-    def hash(self) -> str: return config_hash(self._d)
-    def replace(self, **dotted) -> 'Config':
-        "A validated copy with some dotted keys changed, e.g. `replace(**{'train.epochs': 1})`."
-        d = self.to_dict()
-        for key, v in dotted.items():
-            node, parts = d, key.split('.')
-            for p in parts[:-1]: node = node.setdefault(p, {})
-            node[parts[-1]] = v
-        return load_config(d)
+        if k.startswith('__'): raise AttributeError(k)
+        return self[k]
+    def __getitem__(self, k):
+        try: v = dict.__getitem__(self, k)
+        except KeyError: raise _unknown(self._where + str(k), f"'{self._where.rstrip('.')}'" if self._where else 'the top level', list(self)) from None
+        return _view(v, f'{self._where}{k}.')
+    def __repr__(self): return f'Config({dict.__repr__(self)})'
+    def __reduce__(self): return (Config, (dict(self), self._where))
+    def __deepcopy__(self, memo): return self   # read-only: a copy is the same value
+    def _read_only(self, *a, **k): raise AttributeError('Config is read-only: use config.replace(**{"train.epochs": 2})')
+    __setattr__ = __setitem__ = __delitem__ = __delattr__ = update = pop = popitem = clear = setdefault = _read_only
+
+def _view(v, where: str):
+    "Sections come back as read-only `Config` views; lists of sections (datasets) as lists of views."
+    if isinstance(v, dict): return Config(v, where)
+    if isinstance(v, list) and v and all(isinstance(x, dict) for x in v): return [Config(x, f'{where[:-1]}[{i}].') for i, x in enumerate(v)]
+    return v
+
+# %% ../nbs/00a_config.ipynb #18dcf34a
+@patch
+def get(self: Config, dotted: str, default=None):
+    "A plain copy of the value at a dotted key such as `'train.clr.mode'` (`default` when absent)."
+    v = dict(self)
+    for part in dotted.split('.'):
+        if not isinstance(v, dict) or part not in v: return default
+        v = v[part]
+    return copy.deepcopy(v)
+
+@patch
+def to_dict(self: Config) -> dict:
+    "The config as plain, mutable dicts and lists."
+    return copy.deepcopy(dict(self))
+
+@patch
+def to_yaml(self: Config) -> str: return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
+
+@patch
+def hash(self: Config) -> str: return config_hash(dict(self))
+
+# %% ../nbs/00a_config.ipynb #f6757452
+@patch
+def replace(self: Config, **dotted) -> Config:
+    "A validated copy with some dotted keys changed, e.g. `replace(**{'train.epochs': 1})`."
+    d = self.to_dict()
+    for key, v in dotted.items():
+        node, parts = d, key.split('.')
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict): node[p] = {}
+            node = node[p]
+        node[parts[-1]] = v
+    return load_config(d)
+
+# %% ../nbs/00a_config.ipynb #6398e93d
+def choices(key: str, # a dotted schema key, e.g. 'model.head' or 'wavelet.method'
+           ) -> tuple:
+    "The allowed values of a choice in `SCHEMA`: the one source of the owning modules' constants."
+    node = SCHEMA
+    for part in key.split('.'):
+        node = getattr(node, 'schema', node)  # an optional section (wavelet, stain, fine_tune) holds its own schema
+        if not isinstance(node, dict) or part not in node: raise ConfigKeyError(f"no config key '{key}' in the schema")
+        node = node[part]
+    if getattr(node, 'choices', None) is None: raise ConfigError(f"config key '{key}' is not a choice")
+    return node.choices
 
 # %% ../nbs/00a_config.ipynb #8c02011a
 def presets() -> dict[str, Path]:
@@ -249,13 +345,13 @@ def config_path(src, # a YAML file path, or a preset name such as 'demo' (see `p
     raise ConfigError(f"config file {src} not found: pass a YAML file path or the name of a packaged preset "
                       f"({', '.join(named)}); `breast-cancer configs` lists them")
 
-# %% ../nbs/00a_config.ipynb #3559f4e4
-_SECTION_CHECKS = {}  # config section -> callable(value) -> normalized value, registered by the module that owns the section
+# %% ../nbs/00a_config.ipynb #903f5e17
+_SECTION_CHECKS = {}  # config section -> callable(value) -> normalized value, registered by a later module (optional)
 
 def register_check(section: str, # a top-level config key, e.g. 'wavelet'
                    check, # callable(value) -> the value normalized; raises on a bad value
                   ):
-    "Let a later module validate its own config section (wavelet registers 'wavelet' and 'stain'): config imports nothing after it."
+    "Let a later module add a check of its own to a config section; the schema's checks always run first."
     _SECTION_CHECKS[section] = check
 
 def _check_section(section, value):
@@ -263,6 +359,24 @@ def _check_section(section, value):
     if value is None or check is None: return value
     try: return check(value)
     except Exception as e: raise ConfigError(f"bad value for config key {section!r}: {e}") from None
+
+# %% ../nbs/00a_config.ipynb #a26fa58f
+def _check_across(d: dict, where: str = ''):
+    "The checks that involve two keys at once."
+    a, clr, w, s = d['train']['augment'], d['train']['clr'], d['wavelet'], d['stain']
+    if a['crop_min'] > a['crop_max']:
+        raise ConfigError(f"bad value for config key 'train.augment.crop_min': {a['crop_min']} > crop_max {a['crop_max']}{where}")
+    if clr['maximal_learning_rate'] < clr['initial_learning_rate']:
+        raise ConfigError(f"bad value for config key 'train.clr.maximal_learning_rate': must be >= initial_learning_rate{where}")
+    if d['data']['test_size'] + d['data']['val_size'] >= 0.95:
+        raise ConfigError(f"bad value for config keys 'data.test_size' + 'data.val_size': must leave training data{where}")
+    if w is not None and isinstance(w['enhance'], list) and len(w['enhance']) != w['level']:
+        raise ConfigError(f"bad value for config key 'wavelet.enhance': {len(w['enhance'])} gains for level {w['level']}; give one per level, finest first{where}")
+    if s is not None and s['method'] == 'reinhard' and s['target'] is None and s['params'] is None:
+        raise ConfigError(f"bad value for config key 'stain': Reinhard normalization needs a target image (stain.target) or fitted stain.params{where}")
+
+# %% ../nbs/00a_config.ipynb #01ae7b19
+_ORDER = ['name', 'task', 'seed', 'datasets', 'data', 'stain', 'wavelet', 'model', 'train', 'distribute', 'thresholds', 'evaluate', 'tracking']
 
 def load_config(src, # a YAML file path, a preset name ('demo'), a dict, or a Config
                ) -> Config:
@@ -279,19 +393,11 @@ def load_config(src, # a YAML file path, a preset name ('demo'), a dict, or a Co
     try:
         datasets = _resolve_datasets(src.pop('datasets', None))
         d = _resolve(src, SCHEMA)
-    except ConfigError as e: raise ConfigError(f'{e}{where}') from None
+    except ConfigError as e: raise type(e)(f'{e}{where}') from None
     d['datasets'] = datasets
-    d['wavelet'] = _check_section('wavelet', d['wavelet'])
-    _check_section('stain', d['stain'])
-    a, clr = d['train']['augment'], d['train']['clr']
-    if a['crop_min'] > a['crop_max']:
-        raise ConfigError(f"bad value for config key 'train.augment.crop_min': {a['crop_min']} > crop_max {a['crop_max']}{where}")
-    if clr['maximal_learning_rate'] < clr['initial_learning_rate']:
-        raise ConfigError(f"bad value for config key 'train.clr.maximal_learning_rate': must be >= initial_learning_rate{where}")
-    if d['data']['test_size'] + d['data']['val_size'] >= 0.95:
-        raise ConfigError(f"bad value for config keys 'data.test_size' + 'data.val_size': must leave training data{where}")
-    order = ['name', 'task', 'seed', 'datasets', 'data', 'stain', 'wavelet', 'model', 'train', 'distribute', 'thresholds', 'evaluate', 'tracking']
-    return Config({k: d[k] for k in order})
+    _check_across(d, where)
+    for section in ('wavelet', 'stain'): _check_section(section, d[section])
+    return Config({k: d[k] for k in _ORDER})
 
 # %% ../nbs/00a_config.ipynb #7867d9cc
 def _parse_override(item: str) -> tuple[str, object]:
