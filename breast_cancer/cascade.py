@@ -13,6 +13,8 @@ from .core import (ConfigError, DataError, atomic_path, atomic_write_text, folde
                                 seed_everything)
 from . import data as bc_data
 from .data import PREDICTION_COLUMNS
+from .metrics import (
+    AGGREGATIONS, aggregate_breasts, binary_metrics, breast_side, choose_threshold, multiclass_metrics)
 from .config import Config, load_config
 from .model import small_cnn
 from .train import (cache_manifest, make_dataset, train, init_run_dir, ensure_split,
@@ -20,31 +22,15 @@ from .train import (cache_manifest, make_dataset, train, init_run_dir, ensure_sp
                                  distribute_scope, _run_folder, from_chief, sync_from_chief)
 
 # %% auto #0
-__all__ = ['choose_threshold', 'cascade_labels', 'Cascade', 'build_stage', 'small_stage', 'predictions_frame',
-           'summarize_predictions', 'cross_validate', 'quick_config', 'prepare', 'run_from_config', 'predict_files',
-           'predict_table']
+__all__ = ['cascade_labels', 'Cascade', 'build_stage', 'small_stage', 'predictions_frame', 'summarize_predictions',
+           'cross_validate', 'quick_config', 'prepare', 'run_from_config', 'predict_files', 'predict_table',
+           'choose_threshold']
 
 # %% ../nbs/05_cascade.ipynb #3634e0f0
 _log = get_logger('cascade')
 
 # %% ../nbs/05_cascade.ipynb #3083f4f3
-def choose_threshold(y_true, # 0/1 labels of the validation rows
-                     p, # predicted probabilities of the positive class
-                     rule: str = 'youden', # 'youden' or 'sensitivity'
-                     target_sensitivity: float = 0.9, # for rule='sensitivity'
-                    ) -> float:
-    "A decision threshold from validation predictions: Youden's J, or the largest one reaching a target sensitivity."
-    from sklearn.metrics import roc_curve
-    if rule not in ('youden', 'sensitivity'): raise ConfigError(f"threshold rule must be 'youden' or 'sensitivity', got {rule!r}")
-    y, p = np.asarray(y_true).astype(int), np.asarray(p, dtype=float)
-    if len(np.unique(y)) < 2:
-        _log.warning(f'threshold: validation data has one class only ({len(y)} rows); keeping 0.5')
-        return 0.5
-    fpr, tpr, thr = roc_curve(y, p)
-    thr = np.clip(thr, 0.0, 1.0)  # the first roc_curve threshold is +inf
-    if rule == 'youden': i = int(np.argmax(tpr - fpr))
-    else: i = int(np.flatnonzero(tpr >= target_sensitivity)[0])
-    return float(thr[i])
+_all_ = ['choose_threshold']   # defined in metrics, re-exported here
 
 # %% ../nbs/05_cascade.ipynb #a1934fc3
 def cascade_labels(p_abnormal, # stage-1 probabilities (NaN in binary mode)
@@ -267,13 +253,11 @@ def predictions_frame(cascade: Cascade, # a fitted cascade
     return out[[*PREDICTION_COLUMNS, 'stage2_label']]
 
 # %% ../nbs/05_cascade.ipynb #a66bf266
-def _scores(y, p, pred):
-    from sklearn.metrics import roc_auc_score
-    y, pred = np.asarray(y, bool), np.asarray(pred, bool)
-    tp, tn = int((y & pred).sum()), int((~y & ~pred).sum())
-    return {'n': int(len(y)), 'accuracy': float((y == pred).mean()) if len(y) else np.nan,
-            'auc': float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else np.nan,
-            'sensitivity': tp / y.sum() if y.sum() else np.nan, 'specificity': tn / (~y).sum() if (~y).sum() else np.nan}
+def _scores(y, p, pred) -> dict:
+    "n, accuracy, ROC AUC, sensitivity and specificity of one binary evaluation (`metrics.binary_metrics`, no bootstrap)."
+    if not len(y): return {'n': 0, 'accuracy': np.nan, 'auc': np.nan, 'sensitivity': np.nan, 'specificity': np.nan}
+    m = binary_metrics(y, p, y_pred=pred, n_boot=0)
+    return {'n': m.n_images, 'accuracy': m['accuracy'], 'auc': m['roc_auc'], 'sensitivity': m['sensitivity'], 'specificity': m['specificity']}
 
 # %% ../nbs/05_cascade.ipynb #6127da76
 def summarize_predictions(pred: pd.DataFrame) -> pd.DataFrame:
@@ -286,7 +270,7 @@ def summarize_predictions(pred: pd.DataFrame) -> pd.DataFrame:
     rows['stage2_on_true_abnormal'] = _scores(ab['true_label'] == 'malignant', ab['p_malignant'], ab['stage2_label'] == 'malignant')
     p_e2e = pred['p_malignant'] * pred['p_abnormal'].fillna(1.0)
     e2e = _scores(t == 'malignant', p_e2e, pred['pred_label'] == 'malignant')
-    e2e['accuracy_3class'] = float((pred['pred_label'] == t).mean())
+    e2e['accuracy_3class'] = multiclass_metrics(t, pred['pred_label'], n_boot=0)['accuracy']
     rows['end_to_end'] = e2e
     return pd.DataFrame(rows).T.rename_axis('evaluation')
 
@@ -380,7 +364,7 @@ def predict_table(model_dir, # a run folder (holding cascade/) or a folder writt
     "One row per image: path, p_abnormal, p_malignant, both thresholds, label; with `views`, the breast-level scores and label."
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing: raise DataError(f'{len(missing)} image file(s) not found: {", ".join(missing[:3])}')
-    if aggregation not in ('mean', 'max'): raise ConfigError(f"aggregation={aggregation!r} is unknown: use 'mean' or 'max'")
+    if aggregation not in AGGREGATIONS: raise ConfigError(f"aggregation={aggregation!r} is unknown: use 'mean' or 'max'")
     cas = Cascade.load(model_dir); df = cas.predict([str(p) for p in paths])
     t1 = np.nan if cas.stage1 is None else float(cas.threshold1)
     out = pd.DataFrame({'path': [str(p) for p in paths], 'p_abnormal': df['p_abnormal'].to_numpy(float), 'p_malignant': df['p_malignant'].to_numpy(float),
@@ -392,9 +376,10 @@ def predict_table(model_dir, # a run folder (holding cascade/) or a folder writt
     key = lambda s: s.map(lambda p: str(Path(p).resolve()))
     v = v.assign(_key=key(v['path'])).drop(columns='path').drop_duplicates('_key')
     out = out.assign(_key=key(out['path'])).merge(v, on='_key', how='left').drop(columns='_key')
-    breast = out['patient_id'].astype(str) + '/' + out['laterality'].astype(str)
-    for col in ('p_abnormal', 'p_malignant'):
-        out[f'breast_{col}'] = out.groupby(breast)[col].transform(aggregation).where(out['patient_id'].notna())
+    known = out['patient_id'].notna().to_numpy()
+    breasts = aggregate_breasts(out[known], ('p_abnormal', 'p_malignant'), aggregation=aggregation)
+    at = pd.DataFrame({'patient_id': out['patient_id'].astype(str), 'laterality': breast_side(out)}).merge(breasts, on=['patient_id', 'laterality'], how='left')
+    for col in ('p_abnormal', 'p_malignant'): out[f'breast_{col}'] = at[col].where(known).to_numpy()
     out['breast_label'] = np.where(out['patient_id'].notna(), cascade_labels(out['breast_p_abnormal'].to_numpy(float),
                                    out['breast_p_malignant'].to_numpy(float), cas.threshold1, cas.threshold2), '')
     return out

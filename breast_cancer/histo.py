@@ -4,17 +4,17 @@
 
 # %% ../nbs/01b_histo.ipynb #3235439f
 from __future__ import annotations
-import math, os, re, shutil, tempfile, time, warnings
+import os, re, warnings
 from pathlib import Path
 import numpy as np
 import pandas as pd
-from .core import ConfigError, DataError, atomic_path, config_hash, get_logger, sample_dir
+from .core import ConfigError, DataError, config_hash, get_logger, moved_names, sample_dir
 from .data import make_manifest, read_image
 
 # %% auto #0
 __all__ = ['BREAKHIS_TUMOR_TYPES', 'BREAKHIS_BENIGN', 'BREAKHIS_MALIGNANT', 'BREAKHIS_MAGNIFICATIONS', 'BREAKHIS_NAME',
            'IDC_NAME', 'IDC_PATCH_SIZE', 'parse_breakhis_names', 'read_breakhis_folds', 'load_breakhis', 'load_idc',
-           'make_idc_tree', 'bench_load_idc', 'idc_slide_map', 'idc_slide_image', 'plot_idc_slide_map']
+           'idc_slide_map', 'idc_slide_image', 'plot_idc_slide_map']
 
 # %% ../nbs/01b_histo.ipynb #1ea74eb6
 _log = get_logger('histo')
@@ -208,109 +208,13 @@ def load_idc(root=None, # the folder holding the patient folders (e.g. IDC_regul
     from breast_cancer.core import data_dir
     root = Path(root).expanduser() if root is not None else data_dir()/'idc'
     if not root.is_dir(): raise DataError(f"{root}: IDC folder not found; download the Kaggle 'Breast Histopathology Images' "
-                                          "and pass the folder of patient folders as root (or make_idc_tree for a small test tree)")
+                                          "and pass the folder of patient folders as root (or fixtures.make_idc_tree for a small test tree)")
     dirs, dir_idx, names = _scan_files(root)
     if not names: raise DataError(f"{root}: no PNG patches found; expected <patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<C>.png")
     records = _idc_records(root, dirs, dir_idx, names, strict)
     if records.empty: raise DataError(f"{root}: none of the {len(names)} PNG files is named like an IDC patch "
                                       "(<patient>_idx5_x<X>_y<Y>_class<C>.png)")
     return make_manifest(records, 'idc')
-
-# %% ../nbs/01b_histo.ipynb #bc17f719
-def _breakhis_crops(size: int, seed: int):
-    "Two functions drawing random size×size RGB uint8 crops from the benign / malignant BreakHis sample images."
-    from PIL import Image
-    sample = load_breakhis()
-    pools = {lab: [np.asarray(Image.open(p).convert('RGB')) for p in sample.loc[sample.label == lab, 'image_path']]
-             for lab in ('benign', 'malignant')}
-    rng = np.random.default_rng(seed)
-    def crop(label):
-        im = pools[label][rng.integers(len(pools[label]))]
-        side = min(3 * size, *im.shape[:2])
-        r, c = rng.integers(0, im.shape[0] - side + 1), rng.integers(0, im.shape[1] - side + 1)
-        patch = Image.fromarray(im[r:r + side, c:c + side])
-        if rng.random() < 0.5: patch = patch.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.asarray(patch.rotate(90 * int(rng.integers(4))).resize((size, size), Image.Resampling.BILINEAR))
-    return crop
-
-def _synthetic_patch(rng, size: int, positive: bool) -> np.ndarray:
-    "A pink (stroma) patch with purple nuclei, denser and darker when positive."
-    im = np.empty((size, size, 3), np.float32); im[:] = (0.93, 0.72, 0.83)
-    yy, xx = np.mgrid[:size, :size]
-    for _ in range(int(rng.integers(25, 40) if positive else rng.integers(3, 8))):
-        cy, cx, r = rng.uniform(0, size), rng.uniform(0, size), rng.uniform(1.5, 3.5)
-        im[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = (0.35, 0.15, 0.5) if positive else (0.55, 0.35, 0.7)
-    im += rng.normal(0, 0.03, im.shape).astype(np.float32)
-    return (np.clip(im, 0, 1) * 255).astype(np.uint8)
-
-def make_idc_tree(root, # folder to create; must be empty or absent unless overwrite=True
-                  n_patients: int = 4, # number of patient folders
-                  patches_per_patient: int = 48, # patches per patient, on a near-square grid
-                  size: int = IDC_PATCH_SIZE, # patch side in pixels (coordinates step by it)
-                  seed: int = 0, # random seed: the same seed writes the same tree
-                  real_images: bool = True, # crops of the bundled BreakHis images; False = synthetic textures
-                  positive_fraction: float = 0.3, # share of each patient's patches in the tumour region (class 1)
-                  overwrite: bool = False, # replace an existing non-empty root
-                 ) -> Path:
-    "Write a small IDC-style tree `<patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<C>.png` of real RGB PNG patches."
-    from PIL import Image
-    root = Path(root).expanduser()
-    if root.exists() and any(root.iterdir()) and not overwrite:
-        raise DataError(f"{root}: folder exists and is not empty; pass an empty folder or overwrite=True to replace it")
-    if n_patients < 1 or patches_per_patient < 2: raise ConfigError("make_idc_tree needs n_patients >= 1 and patches_per_patient >= 2")
-    rng = np.random.default_rng(seed)
-    crop = _breakhis_crops(size, seed) if real_images else None
-    with atomic_path(root, is_dir=True) as tmp:
-        for i in range(n_patients):
-            patient = str(10253 + 37 * i)
-            cols = math.ceil(math.sqrt(patches_per_patient * 1.3)); cells = np.arange(patches_per_patient)
-            row, col = cells // cols, cells % cols
-            centre = rng.uniform([0, 0], [row.max() + 1, cols])
-            dist = (row - centre[0]) ** 2 + (col - centre[1]) ** 2 + rng.uniform(0, 0.5, len(cells))
-            n_pos = max(1, round(positive_fraction * len(cells)))
-            positive = np.zeros(len(cells), bool); positive[np.argsort(dist)[:n_pos]] = True
-            for r, c, pos in zip(row, col, positive):
-                x, y, cls = 1 + size * (c + 20), 1 + size * (r + 20), int(pos)
-                pixels = crop('malignant' if pos else 'benign') if real_images else _synthetic_patch(rng, size, pos)
-                d = tmp/patient/str(cls); d.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(pixels).save(d/f'{patient}_idx5_x{x}_y{y}_class{cls}.png')
-    return root
-
-# %% ../nbs/01b_histo.ipynb #db7670ba
-def bench_load_idc(n_files: int = 277_524, # patch files to create
-                   n_patients: int = 162, # patient folders
-                   root=None, # folder for the tree (must not exist); None = a temporary folder, deleted afterwards
-                   seed: int = 0, # random seed for the labels
-                  ) -> dict:
-    "Time `load_idc` on a generated tree of empty files named like the IDC patches; print and return files/s."
-    rng = np.random.default_rng(seed)
-    base = Path(tempfile.mkdtemp(prefix='bc_idc_bench_')) if root is None else Path(root)
-    tree = base/'IDC_regular_ps50_idx5' if root is None else base
-    if root is not None and tree.exists(): raise DataError(f"{tree}: exists; bench_load_idc needs a new folder")
-    try:
-        t0 = time.perf_counter()
-        per_patient = np.diff(np.linspace(0, n_files, n_patients + 1).round().astype(int))
-        for i, n in enumerate(per_patient):
-            patient, cols = str(8863 + i * 53), max(1, math.ceil(math.sqrt(n * 1.3)))
-            k = np.arange(n); cls = (rng.random(n) < 0.285).astype(int)
-            for c in (0, 1): os.makedirs(tree/patient/str(c), exist_ok=True)
-            for kk, cc in zip(k, cls):
-                os.close(os.open(tree/patient/str(cc)/f'{patient}_idx5_x{1 + 50 * (kk % cols)}_y{1 + 50 * (kk // cols)}_class{cc}.png',
-                                 os.O_CREAT | os.O_WRONLY, 0o644))
-        t_create = time.perf_counter() - t0
-        t0 = time.perf_counter(); scan = _scan_files(tree); t_walk = time.perf_counter() - t0
-        t0 = time.perf_counter(); _idc_records(tree, *scan, strict=True); t_parse = time.perf_counter() - t0
-        t0 = time.perf_counter(); manifest = load_idc(tree); t_load = time.perf_counter() - t0
-        if len(manifest) != n_files: raise DataError(f"bench_load_idc: load_idc found {len(manifest)} of {n_files} files")
-    finally:
-        if root is None: shutil.rmtree(base, ignore_errors=True)
-    out = dict(n_files=int(n_files), n_patients=int(n_patients), seconds=round(t_load, 3),
-               files_per_s=round(n_files / t_load), walk_seconds=round(t_walk, 3), parse_seconds=round(t_parse, 3),
-               manifest_seconds=round(max(t_load - t_walk - t_parse, 0), 3), create_seconds=round(t_create, 1),
-               n_malignant=int(manifest['malignant'].sum()))
-    print(f"load_idc: {n_files:,} files, {n_patients} patients in {t_load:.2f} s = {out['files_per_s']:,} files/s "
-          f"(walk {t_walk:.2f} s, parse {t_parse:.2f} s, make_manifest ≈ {out['manifest_seconds']:.2f} s; tree written in {t_create:.0f} s)")
-    return out
 
 # %% ../nbs/01b_histo.ipynb #94a9319a
 def _label_values(values: pd.Series) -> np.ndarray:
@@ -404,11 +308,6 @@ def plot_idc_slide_map(frame: pd.DataFrame, # IDC predictions (true_label, p_mal
     return fig
 
 # %% ../nbs/01b_histo.ipynb #0a74612b
-_MOVED_TO_WAVELET = ('STAIN_METHODS', 'StainNormalizer', 'stain_normalize', 'TransformChain', 'chain_transforms')
-
-def __getattr__(name):
-    "The stain-normalization names moved to `wavelet` (a later stage) still import from here, lazily."
-    if name in _MOVED_TO_WAVELET:
-        from breast_cancer import wavelet
-        return getattr(wavelet, name)
-    raise AttributeError(f"module 'breast_cancer.histo' has no attribute {name!r}")
+__getattr__ = moved_names('breast_cancer.histo', {
+    'STAIN_METHODS': 'wavelet', 'StainNormalizer': 'wavelet', 'stain_normalize': 'wavelet', 'TransformChain': 'wavelet',
+    'chain_transforms': 'wavelet', 'make_idc_tree': 'fixtures', 'bench_load_idc': 'bench'})

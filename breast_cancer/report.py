@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpec
-from .evaluate import MIN_PATIENTS, MIN_PER_CLASS, degenerate_interval, sample_size_note
+from .metrics import MIN_PATIENTS, MIN_PER_CLASS, format_ci, markdown_table, sample_size_note
 from .core import (BreastCancerError, ConfigError, DataError, atomic_write_text, check_name, folder_lock,
                    get_logger, package_dir, path_inside, reports_dir, sample_dir)
 from .config import config_path
@@ -43,8 +43,10 @@ def published_results(path: str|Path|None = None, # the YAML file; default: the 
                          protocol=s['protocol'], unit=s['unit'], note=doc['note']))
     return pd.DataFrame(rows)
 
+# %% ../nbs/07_report.ipynb #e9cd4340
 PUBLISHED_METRICS = ('accuracy', 'specificity', 'sensitivity', 'precision', 'f1', 'roc_auc')
 
+# %% ../nbs/07_report.ipynb #d404f108
 def _reported(published: pd.DataFrame) -> dict:
     "{stage: {dataset: {metric: value, 'source', 'protocol', 'note'}}} from the primary rows of `published_results()`."
     out = {'stage1': {}, 'stage2': {}}
@@ -118,17 +120,20 @@ def external_images(page: str, # an HTML document
     "The `src` of every `<img>` in `page` that is not embedded as a `data:` URI."
     return _IMG_SRC.findall(page)
 
+# %% ../nbs/07_report.ipynb #e3046975
 def embedded_images(page: str, # an HTML document
                    ) -> int:
     "How many `<img>` in `page` carry their picture inline as a base64 `data:` URI."
     return len(re.findall(r'<img\b[^>]*?\bsrc\s*=\s*["\']?data:image/[a-z+]+;base64,', page, re.I))
 
+# %% ../nbs/07_report.ipynb #a8ccba86
 def _readable(path) -> Path:
     "Give a file written through a private temporary file the usual permissions (0o666 minus the umask): reports are shared."
     mask = os.umask(0); os.umask(mask)
     os.chmod(path, 0o666 & ~mask)
     return Path(path)
 
+# %% ../nbs/07_report.ipynb #3c437f09
 def notebook_to_html(notebook: str|Path, # an executed notebook
                      html_path: str|Path|None = None, # where to write the page; default: beside the notebook
                     ) -> Path:
@@ -156,6 +161,24 @@ def _error_message(e: BaseException) -> str:
         return f"cell {e.exec_count}: {e.ename}: {e.evalue}"
     return f"{type(e).__name__}: {e}"
 
+# %% ../nbs/07_report.ipynb #0f33ad17
+def _write_demo_template(path: str|Path, fail: bool = False) -> Path:
+    "A tiny report template (a parameters cell, a figure, metrics.json), for tests and this page."
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+    nb = new_notebook(cells=[
+        new_markdown_cell('# Demo report'),
+        new_code_cell("dataset = 'mias'\ndata_root = None\nconfig = None\noutput_dir = '.'\nquick = True\naccuracy = 0.8\nrun_name = 'demo'", metadata={'tags': ['parameters']}),
+        new_code_cell("import json, os, matplotlib.pyplot as plt\nget_ipython().run_line_magic('matplotlib', 'inline')\nfrom breast_cancer.report import metrics_record\n"
+                      + ("raise ValueError('broken config: ' + str(config))\n" if fail else '')
+                      + "plt.plot([0, 1], [0, accuracy]); plt.title(dataset); plt.show()"),
+        new_code_cell("st1 = dict(accuracy=(accuracy, accuracy - .1, accuracy + .1), specificity=(.7, .6, .8), sensitivity=(.9, .8, 1.), n=10)\n"
+                      "st2 = dict(accuracy=(accuracy / 2, accuracy / 2 - .1, accuracy / 2 + .1), specificity=(.4, .3, .5), sensitivity=(.6, .5, .7), n=4)\n"
+                      "json.dump(metrics_record(dataset, stages={'stage1': st1, 'stage2': st2}, config=config, quick=quick), open(os.path.join(output_dir, 'metrics.json'), 'w'))"),
+    ], metadata={'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}, 'language_info': {'name': 'python'}})
+    nbformat.write(nb, path); return Path(path)
+
+# %% ../nbs/07_report.ipynb #41823c36
 def execute_notebook(template: str|Path, # template name or notebook path
                      target: str|Path, # the report's path without suffix: `<target>.ipynb`, `.html`, `.metrics.json`
                      parameters: dict|None = None, # papermill parameters (`output_dir` is set to the temporary folder)
@@ -190,23 +213,6 @@ def execute_notebook(template: str|Path, # template name or notebook path
         return dict(out, notebook=str(target.with_suffix('.ipynb')), html=str(target.with_suffix('.html')))
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
-# %% ../nbs/07_report.ipynb #0f33ad17
-def _write_demo_template(path: str|Path, fail: bool = False) -> Path:
-    "A tiny report template (a parameters cell, a figure, metrics.json), for tests and this page."
-    import nbformat
-    from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
-    nb = new_notebook(cells=[
-        new_markdown_cell('# Demo report'),
-        new_code_cell("dataset = 'mias'\ndata_root = None\nconfig = None\noutput_dir = '.'\nquick = True\naccuracy = 0.8\nrun_name = 'demo'", metadata={'tags': ['parameters']}),
-        new_code_cell("import json, os, matplotlib.pyplot as plt\nget_ipython().run_line_magic('matplotlib', 'inline')\nfrom breast_cancer.report import metrics_record\n"
-                      + ("raise ValueError('broken config: ' + str(config))\n" if fail else '')
-                      + "plt.plot([0, 1], [0, accuracy]); plt.title(dataset); plt.show()"),
-        new_code_cell("st1 = dict(accuracy=(accuracy, accuracy - .1, accuracy + .1), specificity=(.7, .6, .8), sensitivity=(.9, .8, 1.), n=10)\n"
-                      "st2 = dict(accuracy=(accuracy / 2, accuracy / 2 - .1, accuracy / 2 + .1), specificity=(.4, .3, .5), sensitivity=(.6, .5, .7), n=4)\n"
-                      "json.dump(metrics_record(dataset, stages={'stage1': st1, 'stage2': st2}, config=config, quick=quick), open(os.path.join(output_dir, 'metrics.json'), 'w'))"),
-    ], metadata={'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}, 'language_info': {'name': 'python'}})
-    nbformat.write(nb, path); return Path(path)
-
 # %% ../nbs/07_report.ipynb #ec78af6e
 def _triple(v) -> dict|None:
     "A metric as {'value', 'lo', 'hi'} from a number, a (value, lo, hi) triple or a dict with those keys."
@@ -220,9 +226,11 @@ def _triple(v) -> dict|None:
     f = lambda x: None if x is None or pd.isna(x) else float(x)
     return dict(value=f(value), lo=f(lo), hi=f(hi))
 
+# %% ../nbs/07_report.ipynb #717627e7
 STAGE_METRICS = ('accuracy', 'specificity', 'sensitivity', 'precision', 'f1', 'balanced_accuracy', 'roc_auc', 'pr_auc',
                  'recognition_rate', 'image_accuracy')
 
+# %% ../nbs/07_report.ipynb #5ac20eff
 def _stage_dict(m) -> dict:
     "An `evaluate.Metrics` (anything with a value/lower/upper `table`) as a plain stage dict; dicts pass through."
     if not hasattr(m, 'table'): return dict(m or {})
@@ -388,15 +396,6 @@ def collect_reports(out_dir: str|Path|None = None, # reports folder (default `co
     return out
 
 # %% ../nbs/07_report.ipynb #55dfa3cc
-def _fmt(m: dict|None, pct: bool = True) -> str:
-    "'81.2% (74.0-88.1)' from a {'value','lo','hi'} metric."
-    if not m or m.get('value') is None: return '-'
-    f = (lambda x: f'{100*x:.1f}') if pct else (lambda x: f'{x:.3f}')
-    s = f(m['value']) + ('%' if pct else '')
-    if m.get('lo') is None or m.get('hi') is None or pd.isna(m['lo']) or pd.isna(m['hi']): return s
-    if degenerate_interval(m['lo'], m['hi']): return s + ' (degenerate interval: too few cases)'
-    return s + f" ({f(m['lo'])}-{f(m['hi'])})"
-
 def _fmt_reported(v) -> str: return '-' if v is None else f'{round(100 * v, 2):g}%'   # as printed: 98.41%, 98.7%
 
 def summary_frame(reports: list[dict]) -> pd.DataFrame:
@@ -423,6 +422,7 @@ def summary_frame(reports: list[dict]) -> pd.DataFrame:
             rows.append(row)
     return pd.DataFrame(rows)
 
+# %% ../nbs/07_report.ipynb #894642d3
 def paper_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
     "The cascade paper's Tables 1 and 2 (model 1, model 2): ours with 95% CIs beside the reported numbers."
     out = {}
@@ -434,7 +434,7 @@ def paper_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
             row = {'dataset': r.dataset, 'run': r.run_name,
                    'n test (patients / images)': '-' if pd.isna(r.n) else f"{'?' if n_pat is None or pd.isna(n_pat) else int(n_pat)} / {int(r.n)}"}
             for k in ('accuracy', 'specificity', 'sensitivity'):
-                row[f'{k} (ours, 95% CI)'] = _fmt(dict(value=r[k], lo=r[f'{k}_lo'], hi=r[f'{k}_hi']) if pd.notna(r[k]) else None)
+                row[f'{k} (ours, 95% CI)'] = format_ci(r[k], r[f'{k}_lo'], r[f'{k}_hi'], percent=True, missing='-')
             for k in ('accuracy', 'specificity', 'sensitivity'):
                 row[f'{k} reported (not reproduced)'] = _fmt_reported(r[f'reported_{k}'] if pd.notna(r[f'reported_{k}']) else None)
             ss = r.stage_status if isinstance(r.stage_status, str) else ''
@@ -445,6 +445,7 @@ def paper_tables(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
         out[model] = pd.DataFrame(rows)
     return out
 
+# %% ../nbs/07_report.ipynb #dfac8956
 _TASKS = {'stage1': 'normal vs abnormal', 'stage2': 'benign vs malignant', 'three_class': 'normal / benign / malignant'}
 
 def published_beside_ours(summary: pd.DataFrame, # from `summary_frame`
@@ -457,7 +458,7 @@ def published_beside_ours(summary: pd.DataFrame, # from `summary_frame`
         ours = summary[(summary.dataset == p['dataset']) & (summary.model.str.startswith('model 1' if p['stage'] == 'stage1' else 'model 2'))] \
             if len(summary) and p['stage'] != 'three_class' else summary.iloc[:0]
         ours = ours[ours.accuracy.notna()] if len(ours) else ours
-        mine = '; '.join(f"{_fmt(dict(value=o.accuracy, lo=o.accuracy_lo, hi=o.accuracy_hi))} [{o.run_name}, "
+        mine = '; '.join(f"{format_ci(o.accuracy, o.accuracy_lo, o.accuracy_hi, percent=True, missing='-')} [{o.run_name}, "
                          f"{'?' if pd.isna(o.n_patients) else int(o.n_patients)} patients{', ' + o.sample_size if o.sample_size else ''}]"
                          for _, o in ours.iterrows()) or '-'
         rows.append({'dataset': p['dataset'], 'task': _TASKS.get(p['stage'], p['stage']), 'model (paper)': p['model'],
@@ -472,14 +473,12 @@ table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px soli
 th{background:#f3f3f3}.ok{color:#17702a;font-weight:600}.failed{color:#b00020;font-weight:600}.err{font-family:monospace;font-size:12px;white-space:pre-wrap;max-width:520px}
 .note{color:#555;font-size:13px}"""
 
-def _md_table(df: pd.DataFrame) -> str:
-    if df.empty: return '_no report yet_\n'
-    head = '| ' + ' | '.join(map(str, df.columns)) + ' |\n|' + '---|' * len(df.columns) + '\n'
-    return head + ''.join('| ' + ' | '.join(str(v).replace('|', '/') for v in row) + ' |\n' for row in df.itertuples(index=False))
+_NONE = '_no report yet_'
 
 def _rel(path: str, base: Path) -> str:
     return os.path.relpath(path, base) if path else ''
 
+# %% ../nbs/07_report.ipynb #65bf4e2a
 def write_index(out_dir: str|Path|None = None, # reports folder (default `core.reports_dir()`)
                ) -> Path:
     "Write `index.html`, `summary.csv` and `summary.md` for every report under `out_dir`; returns the index path."
@@ -498,12 +497,12 @@ def write_index(out_dir: str|Path|None = None, # reports folder (default `core.r
              '(zero width, e.g. 100.0-100.0 from 3 images) is a sign of too few cases, not of certainty.')
     md = [f'# Report summary\n\nUpdated {stamp}. Ours: test split, patient-level 95% bootstrap CIs. '
           'The "reported" columns are copied from the papers, **not reproduced** by this code. ' + note + '\n\n' + marks + '\n']
-    for model, t in tables.items(): md += [f'\n## {titles[model]}\n\n', _md_table(t)]
-    md += ['\n## All published results, beside ours\n\n' + note + '\n\n', _md_table(published)]
-    md += ['\n## Reports\n\n', _md_table(pd.DataFrame([dict(dataset=r['dataset'], run=r['run_name'], status=r.get('status'),
+    for model, t in tables.items(): md += [f'\n## {titles[model]}\n\n', markdown_table(t, empty=_NONE)]
+    md += ['\n## All published results, beside ours\n\n' + note + '\n\n', markdown_table(published, empty=_NONE)]
+    md += ['\n## Reports\n\n', markdown_table(pd.DataFrame([dict(dataset=r['dataset'], run=r['run_name'], status=r.get('status'),
             report=_rel(r['good_html'], out_dir) or '-', demo='yes' if (r.get('good_metrics') or {}).get('quick') else '',
             leakage_audit=((r.get('good_metrics') or {}).get('audit') or {}).get('summary', '-'),
-            error=(r.get('error') or '')[:200]) for r in reports]))]
+            error=(r.get('error') or '')[:200]) for r in reports]), empty=_NONE)]
     md += ['\n## Sources of the reported numbers\n\n'] + [f'- {d}: {s}\n' for d, s in sources]
     _readable(atomic_write_text(out_dir/'summary.md', ''.join(md)))
     esc = html.escape
@@ -545,6 +544,7 @@ def demo_notice(config, # the Config the report ran with
             f'Demo run, not a result: {c.model.backbone} with {init}, {c.data.image_size} px images, {steps}, on {what}. '
             'Its figures are near chance by design: it shows the pipeline working end to end, not the method\'s accuracy.</div>')
 
+# %% ../nbs/07_report.ipynb #c59335a4
 def reproducibility_block(run_dir, # a run folder (metadata.json, config.yaml, predictions.csv)
                          ) -> str:
     "Markdown: git commit, config and manifest hashes, packages, hardware, seeds, wall time and the predictions file of a run."
@@ -563,4 +563,4 @@ def reproducibility_block(run_dir, # a run folder (metadata.json, config.yaml, p
             ('hardware', f"{hw.get('platform', '?')}, Python {hw.get('python', '?')}, {hw.get('cpu_count', '?')} CPUs, GPUs: {', '.join(hw.get('gpus') or []) or 'none'}"),
             ('packages', pk or '?'),
             ('predictions', f"[{pred}]({pred.resolve().as_uri()})" if pred.exists() else 'not written')]
-    return '| | |\n|---|---|\n' + ''.join(f'| {k} | {str(v).replace("|", "/")} |\n' for k, v in rows)
+    return markdown_table(pd.DataFrame(rows, columns=['', '']))

@@ -4,30 +4,41 @@
 
 # %% ../nbs/04_train.ipynb #0be3eecc
 from __future__ import annotations
-import copy, datetime, importlib, json, math, os, platform, subprocess, time
+import datetime, json, math, os, platform, subprocess
 from pathlib import Path
-import numpy as np, pandas as pd, yaml
+import numpy as np, pandas as pd
 import keras
 from .core import (ConfigError, DataError, TrainingError, atomic_path, atomic_write_text, config_hash,
-                                folder_lock, get_logger, path_inside, project_root, runs_dir, seed_everything)
+                                folder_lock, get_logger, moved_names, path_inside, project_root, runs_dir,
+                                seed_everything)
 from . import data as bc_data
 from .config import SCHEMA, Config, load_config  # re-exported: they lived here before the config module
+from .distribute import (  # re-exported: they lived here before the distribute module
+    strategy_kind, distribute_strategy, distribute_scope, split_cpu, global_batch_size, lr_factor,
+    distribute_info, is_chief, worker_run_dir, from_chief, sync_from_chief, weights_checksum, fit_distributed,
+    fit_function, free_ports, worker_tf_configs, launch_workers, worker_command)
 
 # %% auto #0
-__all__ = ['TARGETS', 'FROM_SCRATCH', 'load_manifest', 'wavelet_preprocessor', 'image_transform', 'cache_manifest', 'roi_boxes',
-           'augment_batch', 'class_weights', 'oversample_indices', 'target_rows', 'make_dataset', 'package_versions',
-           'git_commit', 'hardware_info', 'manifest_hash', 'run_metadata', 'init_run_dir', 'save_model_atomic',
+__all__ = ['TARGETS', 'load_manifest', 'wavelet_preprocessor', 'image_transform', 'cache_manifest', 'roi_boxes', 'augment_batch',
+           'class_weights', 'oversample_indices', 'target_rows', 'make_dataset', 'package_versions', 'git_commit',
+           'hardware_info', 'manifest_hash', 'run_metadata', 'init_run_dir', 'save_model_atomic',
            'AtomicModelCheckpoint', 'clr_schedule', 'compile_for_config', 'LearningRateLogger', 'InputImagesLogger',
-           'MLflowLogger', 'tracking_callbacks', 'strategy_kind', 'distribute_strategy', 'distribute_scope',
-           'global_batch_size', 'lr_factor', 'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief',
-           'sync_from_chief', 'weights_checksum', 'stage_datasets', 'fit_distributed', 'fit_function',
-           'history_from_csv', 'ensure_split', 'train', 'stage_done', 'read_tensorboard', 'add_lesion',
-           'synthetic_task', 'learnability', 'bench_pipeline', 'free_ports', 'worker_tf_configs', 'launch_workers',
-           'worker_command', 'split_cpu', 'bench_distribute', 'SCHEMA', 'Config', 'load_config']
+           'MLflowLogger', 'tracking_callbacks', 'stage_datasets', 'history_from_csv', 'ensure_split', 'train',
+           'read_tensorboard', 'stage_done', 'SCHEMA', 'Config', 'load_config', 'strategy_kind', 'distribute_strategy',
+           'distribute_scope', 'split_cpu', 'global_batch_size', 'lr_factor', 'distribute_info', 'is_chief',
+           'worker_run_dir', 'from_chief', 'sync_from_chief', 'weights_checksum', 'fit_distributed', 'fit_function',
+           'free_ports', 'worker_tf_configs', 'launch_workers', 'worker_command']
 
 # %% ../nbs/04_train.ipynb #03677417
 _log = get_logger('train')
-_all_ = ['SCHEMA', 'Config', 'load_config']
+_all_ = ['SCHEMA', 'Config', 'load_config', 'strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu',
+         'global_batch_size', 'lr_factor', 'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief',
+         'sync_from_chief', 'weights_checksum', 'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs',
+         'launch_workers', 'worker_command']  # the names imported above, re-exported
+# the benchmarks moved to `bench`, later in the chain: looked up there on first use
+__getattr__ = moved_names('breast_cancer.train', {'learnability': 'bench', 'FROM_SCRATCH': 'bench',
+                                             'synthetic_task': 'bench', 'add_lesion': 'bench',
+                                             'bench_pipeline': 'bench', 'bench_distribute': 'bench'})
 
 # %% ../nbs/04_train.ipynb #29826dc8
 def load_manifest(config) -> pd.DataFrame:
@@ -178,9 +189,10 @@ def oversample_indices(y, seed: int = 0) -> np.ndarray:
     extra = [rng.choice(i, counts.max() - len(i), replace=True) for i in idx]
     return np.sort(np.concatenate(idx + extra))
 
-# %% ../nbs/04_train.ipynb #7ce1fcc5
+# %% ../nbs/04_train.ipynb #61dafb4e
 TARGETS = ('abnormal', 'malignant')
 
+# %% ../nbs/04_train.ipynb #f5e1ecfa
 def target_rows(manifest: pd.DataFrame, target: str) -> tuple[pd.DataFrame, np.ndarray]:
     "The rows a stage trains on and their 0/1 labels: all rows for `'abnormal'`, abnormal rows for `'malignant'`."
     if target not in TARGETS: raise ConfigError(f"target must be one of {TARGETS}, got {target!r}")
@@ -188,7 +200,7 @@ def target_rows(manifest: pd.DataFrame, target: str) -> tuple[pd.DataFrame, np.n
     df = manifest[manifest[target].notna()] if target == 'malignant' else manifest
     return df, df[target].astype(bool).to_numpy().astype(np.float32)
 
-# %% ../nbs/04_train.ipynb #56241316
+# %% ../nbs/04_train.ipynb #323d2b17
 def _epoch_rows(n: int, seed: int, epoch, rows_per_epoch: int|None = None):
     "(epoch, position, row) in training order: epoch e is shuffled by (seed, e) alone, so a resumed epoch gets its own order."
     import tensorflow as tf
@@ -208,6 +220,7 @@ def _epoch_rows(n: int, seed: int, epoch, rows_per_epoch: int|None = None):
     if rows_per_epoch is None: return start.flat_map(one_epoch)  # one epoch per iteration (Keras re-iterates each epoch)
     return start.flat_map(plain(lambda s: tf.data.Dataset.range(s, 2**62))).flat_map(one_epoch)
 
+# %% ../nbs/04_train.ipynb #90bff108
 def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); cached if it has no `cache_path`
                  config, # a Config, dict or YAML path
                  training: bool = False, # shuffle, repeat (when steps_per_epoch is set), oversample and augment
@@ -465,127 +478,6 @@ def tracking_callbacks(config, # a Config, dict or YAML path (`tracking`: tensor
     if c.tracking == 'mlflow': cbs.append(MLflowLogger(c, Path(run_dir)/stage, stage))
     return cbs
 
-# %% ../nbs/04_train.ipynb #350bc506
-_STRATEGIES = {}
-
-def _tf_config() -> dict:
-    try: return json.loads(os.environ.get('TF_CONFIG') or '{}')
-    except json.JSONDecodeError as e: raise ConfigError(f'the TF_CONFIG environment variable is not valid JSON ({e}): see "Scaling out" in the train docs') from None
-
-def _cluster_size() -> int:
-    cluster = _tf_config().get('cluster', {})
-    return len(cluster.get('chief', [])) + len(cluster.get('worker', []))
-
-def strategy_kind(config) -> str:
-    "What `distribute.strategy` means here: 'none', 'mirrored' or 'multi_worker' ('auto' looks at TF_CONFIG, then the GPUs)."
-    import tensorflow as tf
-    kind, workers = load_config(config).distribute.strategy, _cluster_size()
-    if workers > 1 and kind not in ('auto', 'multi_worker'):
-        raise ConfigError(f"TF_CONFIG names {workers} workers but distribute.strategy is {kind!r}, so each would train alone: "
-                          "set distribute.strategy to 'auto' or 'multi_worker'")
-    if kind != 'auto': return kind
-    if workers > 1: return 'multi_worker'
-    return 'mirrored' if len(tf.config.list_physical_devices('GPU')) > 1 else 'none'
-
-# %% ../nbs/04_train.ipynb #7a48f441
-def distribute_strategy(config):
-    "The process-wide `tf.distribute` strategy of a config, created on first use and shared by every stage."
-    import tensorflow as tf
-    kind = strategy_kind(config)
-    if kind not in _STRATEGIES:
-        if kind == 'multi_worker':
-            if _cluster_size() < 1:
-                raise ConfigError("distribute.strategy 'multi_worker' reads the cluster from TF_CONFIG, which is not set: start the "
-                                  "workers with `breast-cancer train --config X --workers N`, or set TF_CONFIG on each machine")
-            _STRATEGIES[kind] = tf.distribute.MultiWorkerMirroredStrategy()
-        elif kind == 'mirrored':
-            devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
-            _STRATEGIES[kind] = tf.distribute.MirroredStrategy([d.name for d in devices])
-        else: _STRATEGIES[kind] = tf.distribute.get_strategy()
-    return _STRATEGIES[kind]
-
-# %% ../nbs/04_train.ipynb #f72c4e2e
-def distribute_scope(config):
-    "The scope to build models (and their optimizers and metrics) in, for the config's strategy."
-    return distribute_strategy(config).scope()
-
-# %% ../nbs/04_train.ipynb #a23ae19e
-def global_batch_size(config) -> int:
-    "Images per optimizer step over all replicas: `train.batch_size` is per replica."
-    c = load_config(config)
-    return c.train.batch_size * distribute_strategy(c).num_replicas_in_sync
-
-# %% ../nbs/04_train.ipynb #448a0db1
-def lr_factor(config) -> float:
-    "The factor on the cyclical LR bounds: the number of replicas for `distribute.lr_scaling: linear`, else 1."
-    c = load_config(config)
-    return float(distribute_strategy(c).num_replicas_in_sync) if c.distribute.lr_scaling == 'linear' else 1.0
-
-# %% ../nbs/04_train.ipynb #d948de77
-def distribute_info(config) -> dict:
-    "The `distribute` block of a run's metadata: strategy, workers, replicas, per-replica and global batch, LR factor."
-    c = load_config(config); s = distribute_strategy(c); kind = strategy_kind(c)
-    return {'strategy': c.distribute.strategy, 'resolved': kind, 'tf_strategy': type(s).__name__,
-            'workers': _cluster_size() if kind == 'multi_worker' else 1, 'replicas': int(s.num_replicas_in_sync),
-            'batch_size_per_replica': c.train.batch_size, 'global_batch_size': global_batch_size(c),
-            'lr_scaling': c.distribute.lr_scaling, 'lr_factor': lr_factor(c)}
-
-# %% ../nbs/04_train.ipynb #3bdde10c
-_WORKER_TMP = []
-
-def is_chief(config) -> bool:
-    "True in the process that writes the run files: the chief of a multi-worker job, or the only process."
-    return strategy_kind(config) != 'multi_worker' or bool(distribute_strategy(config).extended.should_checkpoint)
-
-# %% ../nbs/04_train.ipynb #b9498787
-def worker_run_dir(run_dir, config) -> Path:
-    "Where this process writes a run: `run_dir` on the chief, a private temporary folder (removed at exit) elsewhere."
-    import atexit, shutil, tempfile
-    run_dir = Path(run_dir)
-    if is_chief(config) or any(run_dir.is_relative_to(t) for t in _WORKER_TMP): return run_dir
-    if not _WORKER_TMP:
-        _WORKER_TMP.append(Path(tempfile.mkdtemp(prefix='breast-cancer-worker-')))
-        atexit.register(shutil.rmtree, _WORKER_TMP[0], ignore_errors=True)
-    return _WORKER_TMP[0]/run_dir.name
-
-def _run_folder(run_dir, c) -> Path:
-    "The folder this process writes a run into: `run_dir` (default `runs/<name>`, checked to stay inside it); a temporary one on non-chief workers."
-    return worker_run_dir(Path(run_dir) if run_dir is not None else path_inside(runs_dir(), c.name), c)
-
-# %% ../nbs/04_train.ipynb #ec4c24a0
-def _from_chief(strategy, values: list) -> list:
-    import tensorflow as tf
-    arrays = [np.asarray(v) for v in values]
-    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or not arrays: return arrays
-    flat = np.concatenate([a.astype(np.float64).ravel() for a in arrays])
-    mine = lambda ctx: tf.constant(flat if ctx.replica_id_in_sync_group == 0 else np.zeros_like(flat))
-    total = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.experimental_distribute_values_from_function(mine), axis=None).numpy()
-    out, i = [], 0
-    for a in arrays: out.append(total[i:i + a.size].reshape(a.shape).astype(a.dtype)); i += a.size
-    return out
-
-def from_chief(values: list, config) -> list:
-    "The chief's copy of some numbers or arrays on every worker (one all-reduce); the values themselves elsewhere."
-    return _from_chief(distribute_strategy(config), values)
-
-# %% ../nbs/04_train.ipynb #fdbc7aaa
-def _state(model) -> list:
-    opt = getattr(model, 'optimizer', None)
-    return list(model.weights) + (list(opt.variables) if opt is not None and opt.built else [])
-
-def sync_from_chief(model, config):
-    "Give every worker the chief's weights (after loading a file that only the chief holds)."
-    for v, x in zip(model.weights, from_chief([v.numpy() for v in model.weights], config)): v.assign(x)
-    return model
-
-# %% ../nbs/04_train.ipynb #8ae09862
-def weights_checksum(model) -> str:
-    "A short SHA-1 of a model's weights, to compare the copies held by different workers."
-    import hashlib
-    h = hashlib.sha1()
-    for w in model.get_weights(): h.update(np.ascontiguousarray(w).tobytes())
-    return h.hexdigest()[:16]
-
 # %% ../nbs/04_train.ipynb #c8c068d1
 def stage_datasets(model, # the stage's model, built in the strategy's scope when it has several replicas
                    train_rows: pd.DataFrame, # the stage's training rows (cached)
@@ -610,107 +502,6 @@ def stage_datasets(model, # the stage's model, built in the strategy's scope whe
         return make_dataset(rows, forever, training=True, target=target, batch_size=ctx.get_per_replica_batch_size(gbs)).with_options(off)
     return s.distribute_datasets_from_function(shard), val_ds
 
-# %% ../nbs/04_train.ipynb #7b95d8da
-def _loss_function(model):
-    loss = model.loss
-    return loss.call if isinstance(loss, keras.losses.Loss) else keras.losses.get(loss)
-
-def _evaluate_local(predict, dataset, steps, loss_fn, metrics) -> dict:
-    "Loss and metrics over a local dataset on this worker alone (no collective operations)."
-    import tensorflow as tf
-    for m in metrics: m.reset_state()
-    total, n = 0.0, 0
-    for i, (images, labels) in enumerate(dataset):
-        if steps is not None and i >= steps: break
-        y = tf.reshape(tf.cast(labels, tf.float32), [-1, 1]); p = predict(images)
-        total += float(tf.reduce_sum(loss_fn(y, p))); n += int(y.shape[0])
-        for m in metrics: m.update_state(y, p)
-    return {'val_loss': total / max(n, 1), **{f'val_{m.name}': float(m.result()) for m in metrics}}
-
-def _train_step(model, strategy, metrics, class_weight):
-    "One global training step, `strategy.run` on every replica: returns the mean weighted loss of the global batch."
-    import tensorflow as tf
-    loss_fn, stats = _loss_function(model), [v for v in model.non_trainable_weights if 'float' in str(v.dtype)]
-    cw = tf.constant([float((class_weight or {}).get(k, 1.0)) for k in (0, 1)], tf.float32)
-    @tf.autograph.experimental.do_not_convert  # plain TF ops, no Python control flow on tensors
-    def replica_step(images, labels):
-        ctx = tf.distribute.get_replica_context()
-        y = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
-        n = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(y)[0], tf.float32))  # images in the global batch
-        with tf.GradientTape() as tape:
-            p = model(images, training=True)
-            loss = tf.reduce_sum(loss_fn(y, p) * tf.gather(cw, tf.cast(y[:, 0], tf.int32))) / n
-            if model.losses: loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        grads = tape.gradient(loss, model.trainable_variables)
-        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
-        for m in metrics: m.update_state(y, p)
-        return loss, tf.concat([tf.reshape(tf.convert_to_tensor(v), [-1]) for v in stats] or [tf.zeros([0])], 0)
-    @tf.function
-    def step(iterator):
-        loss, local_stats = strategy.run(replica_step, args=next(iterator))
-        if stats:  # BatchNorm moving statistics: each replica updated its own copy; all take the mean
-            mean = strategy.reduce(tf.distribute.ReduceOp.MEAN, local_stats, axis=None)
-            for v, part in zip(stats, tf.split(mean, [int(np.prod(v.shape)) for v in stats])): v.assign(tf.reshape(part, v.shape))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
-    return step
-
-def fit_distributed(model, # compiled in the strategy's scope (its optimizer and loss are used)
-                    x, # a distributed dataset (`stage_datasets`) of (images, labels), or a plain one for one replica
-                    validation_data=None, # a local dataset: every worker evaluates all of it
-                    epochs: int = 1, # last epoch (exclusive), as in model.fit
-                    initial_epoch: int = 0, # first epoch, as in model.fit (a later fine-tuning phase)
-                    steps_per_epoch: int = 1, # global steps per epoch; every worker runs all of them
-                    validation_steps: int|None = None, # batches of validation_data (None: all)
-                    class_weight: dict|None = None, # {0: w0, 1: w1}
-                    callbacks: list|None = None, # Keras callbacks, called as model.fit calls them
-                    verbose='auto', # progress bar on the chief (0: none)
-                    strategy=None, # default: the strategy the model was built under
-                   ):
-    "`model.fit` for `MultiWorkerMirroredStrategy` under Keras 3: a `strategy.run` step, the same callbacks and `History`."
-    import tensorflow as tf
-    from breast_cancer import model as bc_model
-    s = strategy or model.distribute_strategy
-    chief = bool(s.extended.should_checkpoint)
-    with s.scope():
-        if not model.optimizer.built: model.optimizer.build(model.trainable_variables)
-        metrics = bc_model.default_metrics(1)
-    val_metrics = bc_model.default_metrics(1)
-    step, predict = _train_step(model, s, metrics, class_weight), tf.function(lambda x: model(x, training=False))
-    cbs = keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=bool(verbose) and chief, model=model,
-                                       verbose=1 if verbose == 'auto' else verbose, epochs=epochs, steps=steps_per_epoch)
-    model.stop_training = False
-    cbs.on_train_begin()
-    initial = max(initial_epoch, int(getattr(model, '_initial_epoch', None) or 0)); model._initial_epoch = None  # set by BackupAndRestore
-    state = _state(model)
-    synced = _from_chief(s, [initial] + [v.numpy() for v in state])  # the chief resumed from its backup: everyone does
-    initial = int(synced[0])
-    for v, value in zip(state, synced[1:]): v.assign(value)
-    iterator, logs = iter(x), {}
-    for epoch in range(initial, epochs):
-        for m in metrics: m.reset_state()
-        cbs.on_epoch_begin(epoch)
-        total = 0.0
-        for i in range(steps_per_epoch):
-            cbs.on_train_batch_begin(i)
-            total += float(step(iterator))
-            cbs.on_train_batch_end(i, {'loss': total / (i + 1)})
-        logs = {'loss': total / steps_per_epoch, **{m.name: float(m.result()) for m in metrics}}
-        if validation_data is not None: logs.update(_evaluate_local(predict, validation_data, validation_steps, _loss_function(model), val_metrics))
-        names = sorted(logs)
-        logs = {k: float(v) for k, v in zip(names, _from_chief(s, [logs[k] for k in names]))}
-        cbs.on_epoch_end(epoch, logs)
-        if bool(_from_chief(s, [model.stop_training])[0]): break
-    cbs.on_train_end(logs)
-    if isinstance(s, tf.distribute.MultiWorkerMirroredStrategy):
-        _log.info(f"worker {_tf_config().get('task', {}).get('index', 0)}: weights {weights_checksum(model)}")
-    return next(cb for cb in cbs.callbacks if isinstance(cb, keras.callbacks.History))
-
-# %% ../nbs/04_train.ipynb #4dc03321
-def fit_function(model, config, steps: int):
-    "`model.fit`, or `fit_distributed` with the stage's `steps` when the config trains on several workers."
-    if strategy_kind(config) != 'multi_worker': return model.fit
-    return lambda x, steps_per_epoch=None, **kw: fit_distributed(model, x, steps_per_epoch=steps, **kw)
-
 # %% ../nbs/04_train.ipynb #733d9677
 def _data_hash(manifest):
     "Hash of the images, labels and split a stage was trained with."
@@ -730,7 +521,7 @@ def ensure_split(manifest: pd.DataFrame, config) -> pd.DataFrame:
     c = load_config(config)
     return bc_data.patient_split(manifest, test_size=c.data.test_size, val_size=c.data.val_size, seed=c.seed)
 
-# %% ../nbs/04_train.ipynb #ddf18a37
+# %% ../nbs/04_train.ipynb #d3a4cf59
 class _EpochWatch(keras.callbacks.Callback):
     "Tell the data pipeline which epoch begins, and stop at the first non-finite loss, remembering where."
     def __init__(self, epoch_var): super().__init__(); self.epoch_var, self.epoch, self.bad = epoch_var, 0, None
@@ -750,22 +541,7 @@ class _RefreshBatchNorm(keras.callbacks.Callback):
             from breast_cancer.model import refresh_batchnorm
             refresh_batchnorm(self.model, self.batches, self.n)
 
-def train(model, # a Keras model with a one-unit sigmoid output (e.g. from model.build_model)
-          manifest: pd.DataFrame, # manifest with a `split` column (train/val rows are used)
-          config, # a Config, dict or YAML path
-          run_dir=None, # the run folder (default: runs_dir()/config.name, checked to stay inside runs_dir())
-          stage: str = 'stage1', # sub-folder name; also picks the target when `target` is None
-          target: str|None = None, # 'abnormal' or 'malignant' (default: stage1 -> abnormal, stage2 -> malignant)
-          callbacks: list|None = None, # extra Keras callbacks, run after ours
-          verbose = 'auto', # passed to model.fit
-         ):
-    "Train one stage with `model.fit`: CLR, atomic best checkpoint, resume, CSV/JSON history; returns the History."
-    c = load_config(config)
-    run_dir = _run_folder(run_dir, c)
-    with folder_lock(run_dir, 'run folder'):  # one writer per run folder, for the whole stage
-        return _train_locked(model, manifest, c, run_dir, stage, target, callbacks, verbose)
-
-# %% ../nbs/04_train.ipynb #49db9b23
+# %% ../nbs/04_train.ipynb #000c221c
 def _train_locked(model, manifest, c, run_dir, stage, target, callbacks, verbose):
     import tensorflow as tf
     target = target or ('malignant' if stage == 'stage2' else 'abnormal')
@@ -827,12 +603,25 @@ def _train_locked(model, manifest, c, run_dir, stage, target, callbacks, verbose
     atomic_write_text(sdir/'done.json', json.dumps({'config_hash': c.hash(), 'data_hash': _data_hash(manifest), 'target': target}))
     return history
 
-def stage_done(run_dir, stage: str, config, manifest: pd.DataFrame) -> bool:
-    "True when `run_dir/stage` holds a finished model trained with this exact config and manifest (a rerun can skip it)."
-    f = Path(run_dir)/stage/'done.json'
-    if not (f.exists() and (Path(run_dir)/stage/'model.keras').exists()): return False
-    done = json.loads(f.read_text())
-    return done.get('config_hash') == load_config(config).hash() and done.get('data_hash') == _data_hash(manifest)
+# %% ../nbs/04_train.ipynb #72811840
+def _run_folder(run_dir, c) -> Path:
+    "The folder this process writes a run into: `run_dir` (default `runs/<name>`, checked to stay inside it); a temporary one on non-chief workers."
+    return worker_run_dir(Path(run_dir) if run_dir is not None else path_inside(runs_dir(), c.name), c)
+
+def train(model, # a Keras model with a one-unit sigmoid output (e.g. from model.build_model)
+          manifest: pd.DataFrame, # manifest with a `split` column (train/val rows are used)
+          config, # a Config, dict or YAML path
+          run_dir=None, # the run folder (default: runs_dir()/config.name, checked to stay inside runs_dir())
+          stage: str = 'stage1', # sub-folder name; also picks the target when `target` is None
+          target: str|None = None, # 'abnormal' or 'malignant' (default: stage1 -> abnormal, stage2 -> malignant)
+          callbacks: list|None = None, # extra Keras callbacks, run after ours
+          verbose = 'auto', # passed to model.fit
+         ):
+    "Train one stage with `model.fit`: CLR, atomic best checkpoint, resume, CSV/JSON history; returns the History."
+    c = load_config(config)
+    run_dir = _run_folder(run_dir, c)
+    with folder_lock(run_dir, 'run folder'):  # one writer per run folder, for the whole stage
+        return _train_locked(model, manifest, c, run_dir, stage, target, callbacks, verbose)
 
 # %% ../nbs/04_train.ipynb #e5a7945f
 def read_tensorboard(log_dir, # a folder holding TensorBoard event files (searched recursively)
@@ -848,300 +637,10 @@ def read_tensorboard(log_dir, # a folder holding TensorBoard event files (search
                 rows.append(dict(run=str(f.parent.relative_to(log_dir)), tag=v.tag, step=int(e.step), value=val))
     return pd.DataFrame(rows, columns=['run', 'tag', 'step', 'value'])
 
-# %% ../nbs/04_train.ipynb #776b4b79
-def _tissue_centre(img, margin, rng):
-    "A random pixel inside the breast (brighter than 10 % of the maximum), at least `margin` px from the border."
-    g = img if img.ndim == 2 else img.mean(-1)
-    h, w = g.shape; m = int(min(margin, h // 4, w // 4))
-    inner = g[m:h - m, m:w - m]
-    rows, cols = np.nonzero(inner > 0.1 * max(float(g.max()), 1e-6))
-    if len(rows) == 0: return h / 2, w / 2
-    i = rng.integers(len(rows))
-    return rows[i] + m, cols[i] + m
-
-def add_lesion(img: np.ndarray, # float32 image in [0, 1], (H, W) or (H, W, C)
-               amplitude: float = 0.5, # brightness added at the lesion's centre
-               size: float = 12 / 256, # sigma of the blob (radius of the disc), as a fraction of the longer side
-               kind: str = 'blob', # 'blob' (Gaussian) or 'disc' (uniform)
-               rng=None, # a numpy Generator (position)
-              ) -> np.ndarray:
-    "The image with one synthetic lesion added inside the breast, clipped to [0, 1]."
-    if kind not in ('blob', 'disc'): raise ConfigError(f"kind={kind!r}: use 'blob' or 'disc'")
-    rng = rng if rng is not None else np.random.default_rng(0)
-    h, w = img.shape[:2]; s = max(size * max(h, w), 0.5)
-    cy, cx = _tissue_centre(img, 2 * s, rng)
-    yy, xx = np.mgrid[0:h, 0:w]; r2 = (yy - cy) ** 2 + (xx - cx) ** 2
-    bump = np.exp(-r2 / (2 * s * s)) if kind == 'blob' else (r2 <= s * s).astype(np.float32)
-    if img.ndim == 3: bump = bump[..., None]
-    return np.clip(img + amplitude * bump, 0, 1).astype(np.float32)
-
-# %% ../nbs/04_train.ipynb #563212a0
-def synthetic_task(config, # a Config, dict or YAML path: its datasets and preprocessing
-                   folder, # where the synthetic images (.npy) are written
-                   amplitude: float = 0.5, # lesion brightness (images are in [0, 1])
-                   size: float = 12 / 256, # lesion sigma/radius as a fraction of the longer image side
-                   kind: str = 'blob', # 'blob' or 'disc'
-                   seed: int = 0, # which patients get lesions, and where
-                  ) -> pd.DataFrame:
-    "A manifest of normal films with `abnormal` = has a synthetic lesion (half of the patients), split by patient."
-    c = load_config(config)
-    m = load_manifest(c)
-    normal = m[~m['abnormal'].astype(bool)] if 'abnormal' in m else m
-    if len(normal) >= 20: m = normal
-    m = cache_manifest(m.reset_index(drop=True), c, progress=False)
-    rng = np.random.default_rng(seed)
-    patients = m['patient_id'].unique()
-    positive = set(rng.permutation(patients)[:len(patients) // 2])
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    paths, labels = [], []
-    for row in m.itertuples():
-        img = np.asarray(bc_data.load_cached(row.cache_path), np.float32)
-        lesion = row.patient_id in positive
-        if lesion: img = add_lesion(img, amplitude, size, kind, rng)
-        p = folder/f'{row.dataset}_{row.image_id}.npy'; np.save(p, img); paths.append(str(p)); labels.append(lesion)
-    out = m.assign(cache_path=paths, abnormal=labels, malignant=pd.NA, label=np.where(labels, 'lesion', 'normal'))
-    return bc_data.patient_split(out.drop(columns=['split'], errors='ignore'), c.data.test_size, c.data.val_size, seed=seed)
-
-# %% ../nbs/04_train.ipynb #384bacd2
-class _TestAUC(keras.callbacks.Callback):
-    "Test AUC, loss, validation AUC and the probability range every epoch (= every `eval_every` steps)."
-    def __init__(self, name, x, y, every, t0, time_limit_s, log_fn):
-        super().__init__(); self.name, self.x, self.y, self.every, self.t0, self.limit, self.log_fn = name, x, y, every, t0, time_limit_s, log_fn
-        self.rows = []
-    def measure(self, step, logs, final=False):
-        from sklearn.metrics import roc_auc_score
-        p = np.asarray(self.model.predict(self.x, verbose=0, batch_size=64)).reshape(-1)
-        row = {'model': self.name, 'step': step, 'seconds': round(time.perf_counter() - self.t0, 1),
-               'loss': logs.get('loss', np.nan), 'val_auc': logs.get('val_auc', np.nan),
-               'test_auc': float(roc_auc_score(self.y, p)) if np.isfinite(p).all() else np.nan,
-               'p_min': float(np.nanmin(p)), 'p_max': float(np.nanmax(p)), 'final': final}
-        self.rows.append(row); self.log_fn(row)
-    def on_epoch_end(self, epoch, logs=None):
-        self.measure((epoch + 1) * self.every, logs or {})
-        if self.limit is not None and time.perf_counter() - self.t0 > self.limit: self.model.stop_training = True
-
-# %% ../nbs/04_train.ipynb #c52ebd8e
-def _print_learn_row(r):
-    tag = ' (BatchNorm refreshed, final)' if r['final'] else ''
-    print(f"{r['model']:>10s}  step {r['step']:5d}  {r['seconds']:7.1f} s  loss {r['loss']:.3f}  val AUC {r['val_auc']:.3f}  "
-          f"test AUC {r['test_auc']:.3f}  p in [{r['p_min']:.3f}, {r['p_max']:.3f}]{tag}", flush=True)
-
-FROM_SCRATCH = {'train.optimizer': 'adam', 'train.clr.initial_learning_rate': 1e-4, 'train.clr.maximal_learning_rate': 1e-3}
-
-def learnability(config='demo', # the run config: data, preprocessing, backbone, weights, schedule
-                 models=('backbone', 'small_cnn'), # 'backbone' = the config's model; 'small_cnn' = model.small_cnn
-                 steps: int = 200, # training steps per model (at most)
-                 eval_every: int = 20, # steps between test-AUC measurements
-                 image_size: int|None = None, # model input size; None = the config's
-                 batch_size: int|None = None, # None = the config's
-                 amplitude: float = 0.8, # lesion brightness
-                 size: float = 20 / 256, # lesion radius (sigma of a blob) as a fraction of the image side
-                 kind: str = 'disc', # 'disc' or 'blob'
-                 time_limit_s: float|None = None, # stop a model's training after this many seconds
-                 overrides: dict|None = None, # more dotted config keys, e.g. {'train.clr.maximal_learning_rate': 0.05}
-                 from_scratch: dict|None = FROM_SCRATCH, # training keys for a backbone without pretrained weights (None: the config's)
-                 workdir=None, # folder for the synthetic images and runs (default: a temporary folder, removed)
-                 log_fn=_print_learn_row, # called with each measurement (a dict); None = silent
-                ) -> pd.DataFrame:
-    "Train the configured backbone and a small reference CNN on a synthetic-lesion task; the test AUC against steps."
-    import shutil, tempfile
-    from sklearn.metrics import roc_auc_score
-    from breast_cancer import model as bc_model
-    c = load_config(config)
-    keys = {'name': f'{c.name}-learn', 'tracking': 'none', 'train.epochs': max(1, math.ceil(steps / eval_every)), 'train.steps_per_epoch': int(eval_every),
-            'train.validation_steps': None, 'train.restore_best': False, 'train.early_stopping.enabled': False,
-            'train.fine_tune': None, 'train.class_imbalance': 'none'}
-    if image_size: keys['data.image_size'] = int(image_size)
-    if batch_size: keys['train.batch_size'] = int(batch_size)
-    c = c.replace(**{**keys, **(overrides or {})})
-    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix='bc-learn-'))
-    try:
-        task = synthetic_task(c, work/'images', amplitude, size, kind, seed=c.seed)
-        test = task[task['split'] == 'test']
-        x_test = np.concatenate([np.asarray(x) for x in make_dataset(test, c, labels=False, batch_size=64)])
-        y_test = test['abnormal'].to_numpy().astype(int)
-        shape, rows = (c.data.image_size, c.data.image_size, c.data.channels), []
-        for name in models:
-            seed_everything(c.seed)
-            if name == 'small_cnn': net = bc_model.small_cnn(shape)
-            elif name == 'backbone':
-                net = bc_model.build_model(c.model.backbone, shape, weights=c.model.weights, head=c.model.head,
-                                           dropout=c.model.dropout, freeze=c.model.freeze)
-            else: raise ConfigError(f"learnability: unknown model {name!r}: use 'backbone' or 'small_cnn'")
-            label = c.model.backbone if name == 'backbone' else name
-            cb = _TestAUC(label, x_test, y_test, int(eval_every), time.perf_counter(), time_limit_s, log_fn or (lambda r: None))
-            cm = c.replace(**{k: v for k, v in from_scratch.items() if k not in (overrides or {})}) if (
-                name == 'backbone' and from_scratch and c.model.weights is None) else c
-            train(net, task, cm, run_dir=work/'runs'/label, stage='learn', target='abnormal', callbacks=[cb], verbose=0)
-            cb.measure(cb.rows[-1]['step'] if cb.rows else 0, cb.rows[-1] if cb.rows else {}, final=True)
-            rows += cb.rows
-        return pd.DataFrame(rows)
-    finally:
-        if workdir is None: shutil.rmtree(work, ignore_errors=True)
-
-# %% ../nbs/04_train.ipynb #cfce1da1
-def bench_pipeline(config='demo', # the config (a preset name or a YAML path) whose data and augmentations to use
-                   image_size: int = 128, # model input size for both measurements
-                   batch_size: int = 16, # batch size for both measurements
-                   steps: int = 30, # pipeline batches to time
-                   model_steps: int = 3, # training steps to time (after one warm-up step)
-                   backbone: str = 'resnet50', # the model to time
-                  ) -> dict:
-    "Print and return input-pipeline images/s from the cache vs model-training images/s, and their ratio."
-    import tensorflow as tf
-    from breast_cancer import model as bc_model
-    c = load_config(config).replace(**{'data.image_size': image_size, 'train.batch_size': batch_size, 'train.steps_per_epoch': 1})
-    manifest = cache_manifest(load_manifest(c), c, progress=False)
-    it = iter(make_dataset(manifest, c, training=True, target='abnormal'))
-    next(it)
-    t0 = time.perf_counter()
-    for _ in range(steps): x, y = next(it)
-    pipe = steps * batch_size / (time.perf_counter() - t0)
-    net = bc_model.build_model(backbone, input_shape=(image_size, image_size, c.data.channels), weights=None, freeze='none')
-    bc_model.compile_model(net, learning_rate=1e-3, optimizer='sgd')
-    xb, yb = x.numpy(), y.numpy()
-    net.train_on_batch(xb, yb)
-    t0 = time.perf_counter()
-    for _ in range(model_steps): net.train_on_batch(xb, yb)
-    fit = model_steps * batch_size / (time.perf_counter() - t0)
-    out = {'image_size': image_size, 'batch_size': batch_size, 'pipeline_images_per_s': round(pipe, 1),
-           'model_images_per_s': round(fit, 1), 'ratio': round(pipe / fit, 1), 'backbone': backbone}
-    print(f"input pipeline {out['pipeline_images_per_s']} img/s vs {backbone} training {out['model_images_per_s']} img/s "
-          f"at {image_size} px, batch {batch_size}: the pipeline is {out['ratio']}x faster")
-    return out
-
-# %% ../nbs/04_train.ipynb #bdf8d078
-def free_ports(n: int) -> list[int]:
-    "n free TCP ports on 127.0.0.1, chosen by the operating system."
-    import socket
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks: s.bind(('127.0.0.1', 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks: s.close()
-
-# %% ../nbs/04_train.ipynb #2fec5e1e
-def worker_tf_configs(n: int, # workers (worker 0 is the chief)
-                      ports: list[int]|None = None, # default: free_ports(n)
-                     ) -> list[dict]:
-    "The TF_CONFIG of each of n local workers, on loopback ports."
-    cluster = {'worker': [f'127.0.0.1:{p}' for p in (ports or free_ports(n))]}
-    return [{'cluster': cluster, 'task': {'type': 'worker', 'index': i}} for i in range(n)]
-
-# %% ../nbs/04_train.ipynb #a0e4a9cf
-def _worker_env(i: int, n: int, tf_config: dict, tmp: Path) -> dict:
-    env = {**os.environ, 'TF_CONFIG': json.dumps(tf_config), 'TMPDIR': str(tmp)}
-    gpus = [g for g in os.environ.get('CUDA_VISIBLE_DEVICES', '').split(',') if g] or None
-    if gpus is None:
-        import tensorflow as tf
-        gpus = [str(k) for k in range(len(tf.config.list_physical_devices('GPU')))]
-    if gpus: env['CUDA_VISIBLE_DEVICES'] = ','.join(gpus[i::n] or [gpus[i % len(gpus)]])
-    else: env.setdefault('TF_NUM_INTRAOP_THREADS', str(max(1, (os.cpu_count() or 1) // n)))
-    return env
-
-def _echo(proc, prefix):
-    for line in proc.stdout: print(prefix + line, end='', flush=True)
-
-def _stop(procs, grace: float = 10.0):
-    for p in procs:
-        if p.poll() is None: p.terminate()
-    deadline = time.time() + grace
-    for p in procs:
-        try: p.wait(max(0.1, deadline - time.time()))
-        except subprocess.TimeoutExpired: p.kill(); p.wait()
-
-def launch_workers(command: list[str], # the worker program and its arguments (every worker runs the same)
-                   n: int, # number of local workers
-                  ) -> int:
-    "Run `command` as n local workers with a generated TF_CONFIG each; returns 0, or the first failing worker's code."
-    import shutil, signal, sys, tempfile, threading
-    if n < 1: raise ConfigError(f'--workers must be at least 1, got {n}')
-    tmp = Path(tempfile.mkdtemp(prefix='breast-cancer-workers-'))
-    procs, echoes, main = [], [], threading.current_thread() is threading.main_thread()
-    if main: old = signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # killed: still stop the workers, remove tmp
-    try:
-        for i, tf_config in enumerate(worker_tf_configs(n)):
-            p = subprocess.Popen(command, env=_worker_env(i, n, tf_config, tmp), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
-            print(f'[launcher] worker {i}: pid {p.pid}', flush=True)
-            procs.append(p); echoes.append(threading.Thread(target=_echo, args=(p, f'[worker {i}] '), daemon=True)); echoes[-1].start()
-        while True:
-            codes = [p.poll() for p in procs]
-            failed = [c for c in codes if c not in (None, 0)]
-            if failed or all(c == 0 for c in codes): break
-            time.sleep(0.2)
-        if failed: print(f'[launcher] a worker exited with code {failed[0]}: stopping the others', flush=True)
-        return failed[0] if failed else 0
-    finally:
-        _stop(procs)
-        for t in echoes: t.join(timeout=5)
-        shutil.rmtree(tmp, ignore_errors=True)
-        if main: signal.signal(signal.SIGTERM, old)
-
-# %% ../nbs/04_train.ipynb #0fb3f668
-def worker_command(argv: list[str]) -> list[str]:
-    "The `breast-cancer` command line each worker runs: this Python, the same arguments without `--workers`."
-    out, skip = [], False
-    for a in argv:
-        if skip: skip = False; continue
-        if a == '--workers': skip = True; continue
-        if not a.startswith('--workers='): out.append(a)
-    import sys
-    return [sys.executable, '-c', 'import sys; from breast_cancer.cli import main; sys.exit(main(sys.argv[1:]))', *out]
-
-# %% ../nbs/04_train.ipynb #b2b2a4a2
-def split_cpu(n: int = 2) -> list[str]:
-    "Split the CPU into n logical devices so that `MirroredStrategy` can run n replicas on it (before TensorFlow starts)."
-    import tensorflow as tf
-    try: tf.config.set_logical_device_configuration(tf.config.list_physical_devices('CPU')[0], [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
-    except RuntimeError:
-        if len(tf.config.list_logical_devices('CPU')) != n:
-            raise RuntimeError(f'split_cpu({n}) must run before TensorFlow starts: call it first in a fresh process') from None
-    return [d.name for d in tf.config.list_logical_devices('CPU')]
-
-# %% ../nbs/04_train.ipynb #3b99964b
-def bench_distribute(config='demo', # the config whose data, augmentation and backbone to use
-                     image_size: int = 64, # model input size
-                     batch_size: int = 16, # per-replica batch
-                     steps: int = 6, # timed training steps per measurement (after 2 warm-up steps)
-                     replicas: int = 2, # the replicas to compare with one
-                     backbone: str|None = None, # default: the config's; 'small_cnn' for model.small_cnn
-                     mixed_precision: bool = False, # float16 compute (GPU only; stays float32 on a CPU)
-                     xla: bool = False, # compile the training step with XLA (`jit_compile`)
-                    ) -> dict:
-    "Print and return training images/s at 1 and n replicas, the scaling efficiency, and whether the input pipeline keeps up."
-    import tensorflow as tf
-    from breast_cancer import model as bc_model
-    gpus = tf.config.list_physical_devices('GPU')
-    devices = [f'/gpu:{i}' for i in range(len(gpus))] if len(gpus) >= replicas else split_cpu(replicas)
-    c = load_config(config).replace(**{'data.image_size': image_size, 'train.batch_size': batch_size, 'train.steps_per_epoch': 1})
-    manifest, backbone, shape = cache_manifest(load_manifest(c), c, progress=False), backbone or c.model.backbone, (image_size, image_size, c.data.channels)
-    res = {'backbone': backbone, 'image_size': image_size, 'batch_per_replica': batch_size, 'devices': devices[:replicas],
-           'mixed_precision': mixed_precision and bool(gpus), 'xla': xla}
-    for n in (1, replicas):
-        with tf.distribute.MirroredStrategy(devices[:n]).scope():
-            net = (bc_model.small_cnn(shape) if backbone == 'small_cnn' else
-                   bc_model.build_model(backbone, shape, weights=None, freeze='none', mixed_precision=mixed_precision))
-        bc_model.compile_model(net, learning_rate=1e-3, optimizer='sgd', metrics=[], jit_compile=xla)
-        pipeline = make_dataset(manifest, c, training=True, batch_size=batch_size * n)
-        for feed, ds in (('constant', tf.data.Dataset.from_tensors(next(iter(pipeline))).repeat()), ('pipeline', pipeline)):
-            net.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
-            t0 = time.perf_counter(); net.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0)
-            res[f'{feed}_images_per_s_{n}'] = round(steps * batch_size * n / (time.perf_counter() - t0), 1)
-    it = iter(make_dataset(manifest, c, training=True, batch_size=batch_size * replicas)); next(it)
-    t0 = time.perf_counter()
-    for _ in range(2 * steps): next(it)
-    res['pipeline_alone_images_per_s'] = round(2 * steps * batch_size * replicas / (time.perf_counter() - t0), 1)
-    res['scaling_efficiency'] = round(res[f'constant_images_per_s_{replicas}'] / (replicas * res['constant_images_per_s_1']), 2)
-    res['pipeline_vs_constant'] = round(res[f'pipeline_images_per_s_{replicas}'] / res[f'constant_images_per_s_{replicas}'], 2)
-    res['pipeline_keeps_up'] = res['pipeline_vs_constant'] >= 0.9
-    res['load_average'] = [round(x, 2) for x in os.getloadavg()]
-    if mixed_precision: bc_model.use_mixed_precision(False)
-    print(f"{backbone} at {image_size} px, {batch_size} images per replica, on {', '.join(res['devices'])} (load average {res['load_average']}):")
-    for n in (1, replicas):
-        print(f"  {n} replica(s): {res[f'constant_images_per_s_{n}']} img/s on a constant batch, {res[f'pipeline_images_per_s_{n}']} img/s from the pipeline")
-    print(f"  scaling efficiency at {replicas} replicas: {res['scaling_efficiency']:.0%}; the pipeline alone makes "
-          f"{res['pipeline_alone_images_per_s']} img/s and training from it runs at {res['pipeline_vs_constant']:.0%} of the constant feed "
-          f"({'keeps up' if res['pipeline_keeps_up'] else 'does NOT keep up'})")
-    return res
+# %% ../nbs/04_train.ipynb #0b44e407
+def stage_done(run_dir, stage: str, config, manifest: pd.DataFrame) -> bool:
+    "True when `run_dir/stage` holds a finished model trained with this exact config and manifest (a rerun can skip it)."
+    f = Path(run_dir)/stage/'done.json'
+    if not (f.exists() and (Path(run_dir)/stage/'model.keras').exists()): return False
+    done = json.loads(f.read_text())
+    return done.get('config_hash') == load_config(config).hash() and done.get('data_hash') == _data_hash(manifest)

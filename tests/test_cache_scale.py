@@ -5,8 +5,9 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image
 from breast_cancer.core import ConfigError, DataError
-from breast_cancer import data
-from breast_cancer.data import cache_images, load_cached, make_manifest, read_image, write_dicom
+from breast_cancer.cache import cache_images, cache_file_problem, load_cached, transform_and_resize
+from breast_cancer.data import load_mias, make_manifest
+from breast_cancer.io import read_image, resize_longer, write_dicom, write_pgm
 
 CLI = 'import sys; from breast_cancer.cli import main; sys.exit(main(sys.argv[1:]))'
 
@@ -65,12 +66,12 @@ def test_twelve_bit_png_is_scaled_to_full_range(tmp_path):
 @pytest.fixture
 def pgms(tmp_path):
     rng = np.random.default_rng(0)
-    return _manifest([data.write_pgm(tmp_path / f'im{k}.pgm', rng.integers(0, 256, (48, 40), dtype=np.uint8)) for k in range(4)])
+    return _manifest([write_pgm(tmp_path / f'im{k}.pgm', rng.integers(0, 256, (48, 40), dtype=np.uint8)) for k in range(4)])
 
 def test_truncated_cache_file_is_rebuilt_with_a_warning(pgms, tmp_path, caplog):
     a = cache_images(pgms, size=32, cache_root=tmp_path / 'c', workers=1, progress=False)
     good = Path(a.cache_path[2]).read_bytes(); Path(a.cache_path[2]).write_bytes(good[:-40])
-    with caplog.at_level(logging.WARNING, logger='breast_cancer.data'):
+    with caplog.at_level(logging.WARNING, logger='breast_cancer.cache'):
         b = cache_images(pgms, size=32, cache_root=tmp_path / 'c', workers=1, progress=False)
     assert Path(b.cache_path[2]).read_bytes() == good  # before: the truncated file was kept and training failed later
     assert [r.message for r in caplog.records if 'is damaged' in r.message and a.cache_path[2] in r.message]
@@ -109,8 +110,7 @@ def test_cache_is_sharded(pgms, tmp_path):
 
 def test_wavelet_at_model_runs_after_resizing(tmp_path, mias_sample):
     from breast_cancer.wavelet import WaveletPreprocessor
-    from breast_cancer.data import resize_longer
-    m = data.load_mias(mias_sample).head(2)
+    m = load_mias(mias_sample).head(2)
     src, mdl = WaveletPreprocessor(enhance=True, level=3, at='source'), WaveletPreprocessor(enhance=True, level=3, at='model')
     a = cache_images(m, size=128, transform=src, cache_root=tmp_path / 'c', workers=1, progress=False)
     b = cache_images(m, size=128, transform=mdl, cache_root=tmp_path / 'c', workers=1, progress=False)
@@ -122,13 +122,13 @@ def test_wavelet_at_model_runs_after_resizing(tmp_path, mias_sample):
 
 FILL = """
 import sys, time
-from breast_cancer import data
+from breast_cancer import cache, data
 class Slow:
     cache_key = 'slow-v1'
     def __call__(self, a): time.sleep(0.3); return a
 m = data.load_mias(sys.argv[1]).head(40)  # 12 s uninterrupted: a loaded machine still interrupts it midway
 print('start', flush=True)
-data.cache_images(m, size=32, transform=Slow(), cache_root=sys.argv[2], workers=int(sys.argv[3]), progress=False)
+cache.cache_images(m, size=32, transform=Slow(), cache_root=sys.argv[2], workers=int(sys.argv[3]), progress=False)
 """
 
 @pytest.mark.parametrize('window', [None, (30000, 20000)])
@@ -142,7 +142,7 @@ def test_cache_of_16_bit_films_equals_read_then_resize(tmp_path, window):
     for tf in (None, WaveletPreprocessor(level=3, at='model')):
         out = cache_images(_manifest(films), size=96, transform=tf, cache_root=tmp_path / 'c', workers=2, progress=False)
         for f, c in zip(films, out.cache_path):
-            want = data.transform_and_resize(read_image(f), 96, tf)
+            want = transform_and_resize(read_image(f), 96, tf)
             np.testing.assert_allclose(load_cached(c), want, atol=1e-5)
 
 @pytest.mark.parametrize('workers', [1, 2])
@@ -160,11 +160,11 @@ def test_ctrl_c_keeps_finished_files_and_resumes(tmp_path, mias_sample, workers)
     done = list(root.rglob('*.npy'))
     assert 3 <= len(done) < 40
     assert not [f for f in root.rglob('*') if f.is_file() and f.suffix != '.npy']  # nothing half-written
-    assert all(data.cache_file_problem(f, 32) is None for f in done)
-    m = data.load_mias(mias_sample).head(40)
+    assert all(cache_file_problem(f, 32) is None for f in done)
+    m = load_mias(mias_sample).head(40)
     out = cache_images(m, size=32, transform=_Slow(), cache_root=root, workers=1, progress=False)
     assert _Slow.calls == 40 - len(done)  # the rerun computed only the missing images
-    assert all(data.cache_file_problem(f, 32) is None for f in out.cache_path)
+    assert all(cache_file_problem(f, 32) is None for f in out.cache_path)
 
 class _Slow:  # the same cache_key as the script's transform, counting calls
     cache_key, calls = 'slow-v1', 0

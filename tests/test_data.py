@@ -1,10 +1,10 @@
-"""breast_cancer.data: manifest contract, read_image on every format, load_mias on real and quirky trees."""
+"""breast_cancer.data (with io and cache): manifest contract, read_image on every format, load_mias on real and quirky trees."""
 import numpy as np, pandas as pd, pytest
 from PIL import Image
 from breast_cancer.core import DataError, ConfigError
-from breast_cancer import data
-from breast_cancer.data import (LABELS, MANIFEST_COLUMNS, OPTIONAL_COLUMNS, make_manifest, validate_manifest, read_image,
-                                load_mias, write_pgm, write_dicom)
+from breast_cancer.data import LABELS, MANIFEST_COLUMNS, OPTIONAL_COLUMNS, make_manifest, validate_manifest, load_mias
+from breast_cancer.io import read_image, write_pgm, write_dicom
+from breast_cancer.fixtures import make_mias_tree, make_mias_archive
 
 MIAS_COUNTS = {'normal': 207, 'benign': 63, 'malignant': 52}
 
@@ -12,7 +12,7 @@ MIAS_COUNTS = {'normal': 207, 'benign': 63, 'malignant': 52}
 @pytest.fixture
 def mias_tree(tmp_path):
     "A tiny MIAS tree with a header line, a multi-lesion film, an mdb059-like and a *NOTE 3* line (128-px PGMs)."
-    return data._make_mias_tree(tmp_path / 'mias', size=128)
+    return make_mias_tree(tmp_path / 'mias', size=128)
 
 # ---------------------------------------------------------------- manifest
 def test_contract_names():
@@ -102,8 +102,8 @@ def test_load_mias_quirks(mias_tree):
     assert m.density.tolist()[:3] == ['fatty-glandular', 'fatty-glandular', 'dense-glandular']
 
 def test_load_mias_without_header_and_png(tmp_path):
-    a = load_mias(data._make_mias_tree(tmp_path / 'a', ext='png', header=False))
-    b = load_mias(data._make_mias_tree(tmp_path / 'b'))
+    a = load_mias(make_mias_tree(tmp_path / 'a', ext='png', header=False))
+    b = load_mias(make_mias_tree(tmp_path / 'b'))
     assert a.label.tolist() == b.label.tolist() and a.image_path[0].endswith('mdb001.png')
 
 def test_load_mias_missing_and_corrupt(mias_tree):
@@ -193,7 +193,8 @@ def test_split_bad_arguments(mias_sample):
 
 # ---------------------------------------------------------------- image cache
 import os, time
-from breast_cancer.data import cache_images, load_cached, load_csv, load_folder, load_dataset, get_loader, DATASETS
+from breast_cancer.cache import cache_images, load_cached
+from breast_cancer.data import load_csv, load_folder, load_dataset, get_loader, DATASETS
 
 class Gamma:
     "A picklable transform with a cache_key, like WaveletPreprocessor."
@@ -275,13 +276,14 @@ def test_load_dataset_registry(mias_sample, tmp_path, monkeypatch):
     monkeypatch.setenv('BREAST_CANCER_DATA', str(tmp_path))
     with pytest.raises(DataError, match=r'breast-cancer download cmmd'): load_dataset('cmmd')
     assert len(load_dataset('mias')) == 322  # a private data_dir still finds the sample shipped inside the package
-    data._make_mias_tree(tmp_path / 'mini-mias')
+    make_mias_tree(tmp_path / 'mini-mias')
     assert len(load_dataset('mias')) == 6  # data_dir()/mini-mias (where download puts it) wins over the bundled sample
 
 
 # ---------------------------------------------------------------- download
 import hashlib, io, tarfile
-from breast_cancer.data import download, safe_extract, verify_checksums, read_checksums, checksums_file, MIAS_URL
+from breast_cancer.data import download, checksums_file, MIAS_URL
+from breast_cancer.io import safe_extract, verify_checksums, read_checksums
 
 def _tar(path, members):
     "A .tar.gz from (TarInfo kwargs, bytes) pairs."
@@ -295,7 +297,7 @@ def _tar(path, members):
 @pytest.fixture
 def mias_archive(tmp_path, mias_sample, monkeypatch):
     "A fake all-mias.tar.gz (4 PGMs + Info.txt) with its own checksum list under a private data_dir()."
-    arc, sums = data._make_mias_archive(tmp_path / 'all-mias.tar.gz', mias_sample)
+    arc, sums = make_mias_archive(tmp_path / 'all-mias.tar.gz', mias_sample)
     (tmp_path / 'data' / 'checksums').mkdir(parents=True)
     (tmp_path / 'data' / 'checksums' / 'mias.sha256').write_text(''.join(f'{h}  {n}\n' for n, h in sums.items()))
     monkeypatch.setenv('BREAST_CANCER_DATA', str(tmp_path / 'data'))
@@ -314,11 +316,11 @@ def test_download_mias_from_local_archive(mias_archive, tmp_path, capsys):
     assert (tmp_path / 'again.all-mias.tar.gz').exists()
 
 def test_download_refuses_wrong_checksum(mias_archive, tmp_path, mias_sample):
-    bad, _ = data._make_mias_archive(tmp_path / 'bad.tar.gz', mias_sample, corrupt='mdb003.pgm')
+    bad, _ = make_mias_archive(tmp_path / 'bad.tar.gz', mias_sample, corrupt='mdb003.pgm')
     with pytest.raises(DataError, match=r'0 file\(s\) missing .* 1 with a wrong SHA-256 \(mdb003.pgm\)'):
         download('mias', tmp_path / 'out', url=str(bad), progress=False)
     assert not (tmp_path / 'out').exists()
-    short, _ = data._make_mias_archive(tmp_path / 'short.tar.gz', mias_sample, n=3)
+    short, _ = make_mias_archive(tmp_path / 'short.tar.gz', mias_sample, n=3)
     with pytest.raises(DataError, match=r'1 file\(s\) missing \(mdb004.pgm\)'): download('mias', tmp_path / 'out', url=str(short), progress=False)
 
 @pytest.mark.parametrize('member, why', [
@@ -333,7 +335,7 @@ def test_safe_extract_refuses_malicious_members(tmp_path, member, why):
     assert not (tmp_path / 'out').exists() and not (tmp_path.parent / 'evil.pgm').exists()
 
 def test_download_malicious_archive_leaves_nothing(mias_archive, tmp_path, mias_sample):
-    evil, _ = data._make_mias_archive(tmp_path / 'evil.tar.gz', mias_sample, evil='../../escape.txt')
+    evil, _ = make_mias_archive(tmp_path / 'evil.tar.gz', mias_sample, evil='../../escape.txt')
     with pytest.raises(DataError, match='unsafe member'): download('mias', tmp_path / 'd' / 'out', url=str(evil), progress=False)
     assert not list(tmp_path.rglob('escape.txt')) and not (tmp_path / 'd' / 'out').exists()
 
@@ -389,6 +391,6 @@ def test_load_csv_reads_a_saved_manifest(mias_sample, tmp_path):
     assert back.malignant.isna().sum() == 207 and back.patient_id.nunique() == 161
 
 def test_load_mias_accepts_the_parent_of_an_unpacked_folder(tmp_path):
-    data._make_mias_tree(tmp_path / 'download' / 'all-mias')
+    make_mias_tree(tmp_path / 'download' / 'all-mias')
     m = load_mias(tmp_path / 'download')
     assert len(m) == 6 and '/all-mias/' in m.image_path[0]

@@ -5,7 +5,7 @@ import json, os, re, subprocess, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 import keras
-from breast_cancer import data as bc_data, train as T
+from breast_cancer import data as bc_data, distribute as D, train as T
 
 TINY = {'name': 'tinymw', 'task': 'binary', 'wavelet': None, 'model': {'weights': None},
         'data': {'image_size': 32, 'val_size': 0.2, 'test_size': 0.2, 'max_images': 80},
@@ -35,7 +35,7 @@ def precache(config):
 
 def launch(tmp_path, cfg, run_dir, n=2, **env):
     "Run the launcher in a child process (as `breast-cancer train --workers` does); returns (exit code, output)."
-    code = ('import sys; from breast_cancer.train import launch_workers; '
+    code = ('import sys; from breast_cancer.distribute import launch_workers; '
             f'sys.exit(launch_workers([sys.executable, {str(tmp_path/"worker.py")!r}, {str(cfg)!r}, {str(run_dir)!r}], {n}))')
     p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600, env={**os.environ, **env})
     return p.returncode, p.stdout + p.stderr
@@ -71,7 +71,7 @@ def test_workers_end_with_identical_weights_and_loss_goes_down(resumed):
     sums = dict(re.findall(r'\[worker \d\] .*worker (\d): weights ([0-9a-f]{16})', out))
     assert set(sums) == {'0', '1'} and sums['0'] == sums['1'], out[-3000:]   # both finished, with the same weights
     saved = keras.saving.load_model(resumed['run_dir']/'stage2'/'model.keras', compile=False)
-    assert T.weights_checksum(saved) == sums['0']                              # and the chief saved exactly those
+    assert D.weights_checksum(saved) == sums['0']                              # and the chief saved exactly those
     loss = json.loads((resumed['run_dir']/'stage2'/'history.json').read_text())['loss']
     assert loss[-1] < loss[0], loss
 
@@ -92,12 +92,12 @@ def test_only_the_chief_writes_run_files(resumed):
 
 MIRRORED = '''
 import json, sys
-from breast_cancer import train as T, model
+from breast_cancer import distribute as D, train as T, model
 if __name__ == '__main__':  # a cache fill with several processes re-imports this script in each of them
-    T.split_cpu(2)
+    D.split_cpu(2)
     c = T.load_config(sys.argv[1])
     m = T.cache_manifest(T.load_manifest(c), c, progress=False)
-    with T.distribute_scope(c): net = model.small_cnn((c.data.image_size, c.data.image_size, c.data.channels))
+    with D.distribute_scope(c): net = model.small_cnn((c.data.image_size, c.data.image_size, c.data.channels))
     h = T.train(net, m, c, run_dir=sys.argv[2], verbose=0)
     print(json.dumps({'replicas': len(net.trainable_variables[0].value.values), 'steps': int(net.optimizer.iterations.numpy()),
                       'loss': h.history['loss'], 'strategy': type(net.distribute_strategy).__name__}))

@@ -1,9 +1,10 @@
-"""Integration tests for breast_cancer.evaluate: metrics on Predictions tables from disk, the real bundled images,
-Grad-CAM through the model module's nested ResNet-50, and the bootstrap against scikit-learn replicate by replicate."""
+"""Integration tests for breast_cancer.evaluate and the modules it builds on (metrics, audit): metrics on Predictions
+tables from disk, the real bundled images, the bootstrap against scikit-learn replicate by replicate, the names that
+moved still importing from their old module, and data that cannot inject markup into the model card."""
 import numpy as np, pandas as pd, pytest
 from sklearn import metrics as skm
 
-from breast_cancer import evaluate as ev
+from breast_cancer import evaluate as ev, metrics as bm, audit
 from breast_cancer.core import DataError, ConfigError
 
 
@@ -32,13 +33,13 @@ def test_bootstrap_replicates_equal_sklearn_with_weights():
     rng = np.random.default_rng(3)
     g = rng.integers(0, 40, 300); y = rng.random(300) < .4; s = np.round(rng.random(300) * .6 + y * .3, 2)
     pred = s >= .5
-    codes, G = ev._group_codes(g, len(y))
-    W = next(ev.bootstrap_weights(G, 5, seed=1))
-    rc = ev._RankCurves(y, s, codes, G)
+    codes, G = bm._group_codes(g, len(y))
+    W = next(bm.bootstrap_weights(G, 5, seed=1))
+    rc = bm._RankCurves(y, s, codes, G)
     auc, ap = rc.auc(*rc.weighted(W)), rc.average_precision(*rc.weighted(W))
     per = np.zeros((G, 4))
     for j, m in enumerate([y & pred, ~y & pred, y & ~pred, ~y & ~pred]): per[:, j] = np.bincount(codes[m], minlength=G)
-    thr = ev._binary_from_counts(*(W @ per).T)
+    thr = bm._binary_from_counts(*(W @ per).T)
     for b in range(5):
         w = W[b, codes]
         assert auc[b] == pytest.approx(skm.roc_auc_score(y, s, sample_weight=w), abs=1e-12)
@@ -53,7 +54,7 @@ def test_skipped_replicates_are_counted():
     """3 patients, 'a' the only positive: a replicate lacks a positive when 'a' is never drawn ((2/3)^3) and lacks a
     negative when only 'a' is drawn ((1/3)^3): 9/27 = 1/3 of the replicates are skipped."""
     y = np.array([1, 1, 0, 0, 0, 0]); s = np.array([.9, .8, .3, .4, .2, .6]); g = ['a', 'a', 'b', 'b', 'c', 'c']
-    m = ev.binary_metrics(y, s, groups=g, n_boot=3000, seed=0)
+    m = bm.binary_metrics(y, s, groups=g, n_boot=3000, seed=0)
     assert m.n_skipped == pytest.approx(3000 / 3, rel=0.08)
     assert m.table['lower'].notna().all()
 
@@ -114,7 +115,7 @@ def test_figures_on_real_images(mias_predictions):
         image_id, truth = ax.get_title().split('\n')[:2]
         t, pr = truth.replace('true ', '').split(' · pred ')
         assert t != pr and image_id in set(wrong.image_id)
-    m = ev.binary_metrics(y, s, groups=p.patient_id, n_boot=100)
+    m = bm.binary_metrics(y, s, groups=p.patient_id, n_boot=100)
     fig = ev.plot_confusion(m)
     assert [(a.get_title(), a.get_xlabel(), a.get_ylabel()) for a in fig.axes] == [('counts', 'predicted', 'true'), ('% of true class', 'predicted', 'true')]
     assert sum(int(t.get_text()) for t in fig.axes[0].texts) == len(p)              # the counts add up to every image
@@ -183,7 +184,46 @@ def test_clustered_delong_matches_patient_bootstrap():
     pid = np.repeat(np.arange(80), 5); y = (rng.random(80) < .5)[pid]
     u, v = rng.normal(size=80)[pid], rng.normal(size=80)[pid]          # patient effects, different for the two models
     a, b = y + u + .3 * rng.normal(size=400), .7 * y + v + .3 * rng.normal(size=400)
-    dl, bs, naive = (ev.compare_auc(y, a, b, pid), ev.compare_auc(y, a, b, pid, method='bootstrap'), ev.compare_auc(y, a, b))
+    dl, bs, naive = (bm.compare_auc(y, a, b, pid), bm.compare_auc(y, a, b, pid, method='bootstrap'), bm.compare_auc(y, a, b))
     assert dl.upper - dl.lower == pytest.approx(bs.upper - bs.lower, rel=0.2)
     assert naive.upper - naive.lower < 0.75 * (dl.upper - dl.lower)
     assert dl.delta == pytest.approx(skm.roc_auc_score(y, a) - skm.roc_auc_score(y, b))
+
+
+def test_moved_names_import_from_their_old_modules():
+    "Every name that left evaluate (for metrics or audit) or cascade (choose_threshold) is the same object at its old address."
+    from breast_cancer import cascade, explain
+    moved = {bm: ['BINARY_METRICS', 'MIN_PATIENTS', 'MIN_PER_CLASS', 'AGGREGATIONS', 'AUCComparison', 'Metrics', 'binary_metrics',
+                  'bootstrap_weights', 'compare_auc', 'degenerate_interval', 'delong_covariance', 'metrics_table',
+                  'multiclass_metrics', 'sample_size_note'],
+             audit: ['NEAR_DUPLICATE_BITS', 'HASH_SIZE', 'SplitAudit', 'audit_html', 'audit_split', 'hash_distances', 'perceptual_hashes']}
+    for mod, names in moved.items():
+        for name in names:
+            assert getattr(ev, name) is getattr(mod, name) and name in ev.__all__, name
+    assert cascade.choose_threshold is bm.choose_threshold and 'choose_threshold' in cascade.__all__
+    assert ev.grad_cam is explain.grad_cam                                   # later modules: lazily, through core.moved_names
+    with pytest.raises(AttributeError, match="no attribute 'nope'"): ev.nope
+
+
+def test_metrics_imports_no_tensorflow_keras_or_matplotlib():
+    "metrics is NumPy, SciPy and scikit-learn only: importing it (in a fresh process) loads no deep-learning or plotting library."
+    import subprocess, sys
+    code = ("import sys, breast_cancer.metrics, breast_cancer.audit; "
+            "print(sorted(m for m in ('tensorflow', 'keras', 'matplotlib', 'torch') if m in sys.modules))")
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+    assert out == '[]', out
+
+
+def test_model_card_escapes_values_from_data(tmp_path, mias_predictions):
+    "A subgroup value or image id from a CSV reaches the model card's Markdown (and nbconvert's HTML) as text, never as markup."
+    run = tmp_path / 'run'; (run / 'cascade').mkdir(parents=True)
+    evil = '<svg onload=alert(1)>'
+    mias_predictions.to_csv(run / 'predictions.csv', index=False)
+    split = mias_predictions[['image_id', 'patient_id']].assign(density=np.where(np.arange(len(mias_predictions)) % 2, evil, 'fatty|dense'))
+    split.to_csv(run / 'split.csv', index=False)
+    card = ev.model_card(run, n_boot=20)
+    assert '<svg' not in card and '| density | &lt;svg onload=alert(1)&gt; |' in card
+    assert '| density | fatty&#124;dense |' in card                   # a pipe in a value does not split the cell
+    leak = audit.SplitAudit(pd.DataFrame(), pd.DataFrame(), pd.DataFrame({'image_a': [evil], 'split_a': ['train'], 'image_b': ['b'],
+                            'split_b': ['test'], 'distance': [3], 'same_patient': [False]}), n_images=2)
+    assert '<svg' not in leak._repr_markdown_() and '&lt;svg onload=alert(1)&gt;' in leak._repr_markdown_()

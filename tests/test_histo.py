@@ -9,9 +9,10 @@ from PIL import Image
 
 from breast_cancer.core import ConfigError, DataError
 from breast_cancer import data as bc_data
-from breast_cancer.histo import (BREAKHIS_TUMOR_TYPES, StainNormalizer, bench_load_idc, chain_transforms, idc_slide_map,
-                                 load_breakhis, load_idc, make_idc_tree, parse_breakhis_names, plot_idc_slide_map,
-                                 stain_normalize)
+from breast_cancer.histo import (BREAKHIS_TUMOR_TYPES, idc_slide_map, load_breakhis, load_idc, parse_breakhis_names,
+                                 plot_idc_slide_map)
+from breast_cancer.wavelet import StainNormalizer, chain_transforms, stain_normalize
+from breast_cancer.fixtures import make_idc_tree
 
 SAMPLE_NAMES = sorted(n for n in os.listdir(Path(__file__).resolve().parents[1]/'breast_cancer'/'samples'/'breakhis-sample') if n.endswith('.png'))
 FOLDER = {'A': 'adenosis', 'F': 'fibroadenoma', 'PT': 'phyllodes_tumor', 'TA': 'tubular_adenoma',
@@ -176,6 +177,7 @@ def test_idc_kaggle_layout_and_bad_names(idc_tree, tmp_path):
 
 
 def test_bench_small():
+    from breast_cancer.bench import bench_load_idc
     r = bench_load_idc(n_files=2000, n_patients=4)
     assert r['n_files'] == 2000 and r['files_per_s'] > 0 and 400 < r['n_malignant'] < 750
 

@@ -9,8 +9,8 @@ import pytest
 
 from breast_cancer.core import DataError
 from breast_cancer import data, mammo
-from breast_cancer.mammo import (load_cbis_ddsm, load_ddsm, load_cmmd, make_cbis_fixture, make_ddsm_fixture, make_cmmd_fixture,
-                                 read_cbis_csv, mask_bbox, ddsm_lesion_mask, CBIS_FIXTURE_ROWS)
+from breast_cancer.mammo import load_cbis_ddsm, load_ddsm, load_cmmd, read_cbis_csv, mask_bbox, ddsm_lesion_mask
+from breast_cancer.fixtures import make_cbis_fixture, make_ddsm_fixture, make_cmmd_fixture, CBIS_FIXTURE_ROWS
 
 
 def quiet(f, *a, **kw):

@@ -11,6 +11,7 @@ from breast_cancer.core import (ConfigError, DataError, LockedError, TrainingErr
                                 folder_lock, seed_everything)
 from breast_cancer import cascade as C, data, model as M, train as T
 from breast_cancer.cli import main
+from breast_cancer.fixtures import make_mias_tree, make_mias_archive
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {'name': 'tiny', 'data': {'image_size': 32, 'val_size': 0.2, 'test_size': 0.2, 'max_images': 60}, 'wavelet': None,
@@ -193,11 +194,11 @@ def test_compressed_dicom_without_decoder_suggests_one(tmp_path):
         data.read_image(p)
 
 def test_mias_checksum_error_names_the_archive_not_a_temporary_folder(tmp_path, mias_sample, monkeypatch):
-    arc, sums = data._make_mias_archive(tmp_path/'all-mias.tar.gz', mias_sample)
+    arc, sums = make_mias_archive(tmp_path/'all-mias.tar.gz', mias_sample)
     (tmp_path/'data'/'checksums').mkdir(parents=True)
     (tmp_path/'data'/'checksums'/'mias.sha256').write_text(''.join(f'{h}  {n}\n' for n, h in sums.items()))
     monkeypatch.setenv('BREAST_CANCER_DATA', str(tmp_path/'data'))
-    bad, _ = data._make_mias_archive(tmp_path/'bad.tar.gz', mias_sample, corrupt='mdb003.pgm')
+    bad, _ = make_mias_archive(tmp_path/'bad.tar.gz', mias_sample, corrupt='mdb003.pgm')
     with pytest.raises(DataError) as e: data.download('mias', tmp_path/'out', url=str(bad), progress=False)
     msg = str(e.value)
     assert msg.startswith(bad.resolve().as_uri()) and '1 with a wrong SHA-256 (mdb003.pgm)' in msg
@@ -207,7 +208,7 @@ def test_mias_checksum_error_names_the_archive_not_a_temporary_folder(tmp_path, 
 
 # ---------------------------------------------------------------- 7. MIAS Info.txt quirks (through load_mias)
 def test_mias_info_quirks(tmp_path, caplog):
-    root = data._make_mias_tree(tmp_path/'m')
+    root = make_mias_tree(tmp_path/'m')
     good = (root/'Info.txt').read_text()
     (root/'Info.txt').write_bytes(b'\xef\xbb\xbf' + good.encode())
     ref = data.load_mias(root)

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np, pandas as pd, pytest
 from PIL import Image
 
-from breast_cancer import data, report, evaluate as ev
+from breast_cancer import data, report, audit as au
 from breast_cancer.cli import main
 
 SHARED_PUBLISHED = Path(__file__).resolve().parents[1].parent / 'shared' / 'PUBLISHED_RESULTS.md'
@@ -46,7 +46,7 @@ def test_index_sets_published_numbers_and_sample_size_beside_ours(tmp_path):
     md, page = (tmp_path / 'summary.md').read_text(), (tmp_path / 'index.html').read_text()
     for s in ('98.7%', '98.41%', '98.56%',                      # cascade paper, Table 1, MIAS, as printed (not reproduced)
               '6 / 12',                                         # patients / images behind our figure
-              'too few to estimate (6 patients < 30, 4 positive < 10, 8 negative < 10)',
+              'too few to estimate (6 patients &lt; 30, 4 positive &lt; 10, 8 negative &lt; 10)',   # Markdown cells are HTML-escaped
               '100.0% (degenerate interval: too few cases)',    # not shown as a plain CI
               'All published results', 'VGG-16', 'ResNet-18 ImageNet transfer', '94.67%', '83.28%',   # every source's numbers
               'patient-level split', 'no leak found'):
@@ -77,7 +77,7 @@ def test_audit_catches_augmented_copies_across_train_and_test(tmp_path, isolated
     leaky = pd.concat([m[cols], pd.DataFrame(rows)], ignore_index=True)
     leaky.to_csv(bad := tmp_path / 'leaky.csv', index=False)
     assert main(['audit', '--manifest', str(bad), '--out', str(tmp_path / 'leaky.html')]) == 1
-    audit = ev.audit_split(leaky)
+    audit = au.audit_split(leaky)
     assert sorted(audit.near_duplicates.image_b) == ['aug0', 'aug1', 'aug2']
     assert sorted(audit.near_duplicates.image_a) == sorted(train.image_id)
     assert (tmp_path / 'leaky.html').read_text().count('data:image/png;base64,') == 6

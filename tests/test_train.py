@@ -69,6 +69,13 @@ def test_presets_load_and_round_trip(repo_root):
     assert demo.model.weights is None and demo.data.image_size <= 64 and demo.task == 'cascade'
 
 
+def test_distribute_names_still_import_from_train():
+    "The strategies, the custom step and the launcher moved to `distribute`; `train` re-exports every one of them."
+    from breast_cancer import distribute as D
+    assert len(D.__all__) >= 18
+    for name in D.__all__: assert getattr(T, name) is getattr(D, name) and name in T.__all__, name
+
+
 # ---------------------------------------------------------------- pipeline
 def test_dataset_matches_cache_and_targets(manifest):
     c = T.load_config(TINY)

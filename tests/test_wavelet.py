@@ -10,7 +10,7 @@ from skimage.restoration import denoise_wavelet
 
 from breast_cancer.core import ConfigError, DataError
 from breast_cancer.data import load_mias, read_image, load_cached
-from breast_cancer.wavelet import (DEFAULT_GAINS, WaveletPreprocessor, bench_wavelet, lesion_contrast, preprocess_manifest,
+from breast_cancer.wavelet import (DEFAULT_GAINS, WaveletPreprocessor, lesion_contrast, preprocess_manifest,
                                    wavelet_decompose, wavelet_denoise, wavelet_enhance)
 
 COMBOS = [(m, md) for m in ('BayesShrink', 'VisuShrink') for md in ('soft', 'hard')]
@@ -244,6 +244,7 @@ def test_preprocess_manifest_process_pool_and_cache_reuse(mias, tmp_path):
 
 
 def test_bench_returns_numbers():
+    from breast_cancer.bench import bench_wavelet
     r = bench_wavelet(n_images=2, size=128, workers=2, repeats=1, verbose=False)
     for k in ('ours_ips_1core', 'skimage_ips_1core', 'ours_ips_pool_1', 'ours_ips_all_cores', 'speed_ratio', 'scaling_efficiency'):
         assert r[k] > 0, k
@@ -259,7 +260,7 @@ def test_cli_runs_benchmark(repo_root):
 
 
 def test_bench_images_fall_back_to_bundled_then_synthetic(monkeypatch, repo_root, tmp_path):
-    import breast_cancer.wavelet as wl
+    import breast_cancer.bench as wl
     monkeypatch.setenv('BREAST_CANCER_DATA', str(repo_root / 'data'))          # only the bundled 256-px sample
     images, source = wl._bench_images(2, 300)
     assert source == 'bundled 256-px mini-MIAS, resized to 300 px'
