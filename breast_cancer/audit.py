@@ -21,6 +21,7 @@ def _dihedral(a: np.ndarray, k: int) -> np.ndarray:
     "The k-th of the 8 flips/90° rotations of an image."
     return np.rot90(a if k < 4 else a[:, ::-1], k % 4)
 
+# %% ../nbs/06b_audit.ipynb #24e2839f
 def _as_uint8(a) -> 'PIL.Image.Image':
     from PIL import Image
     a = np.asarray(a, np.float32)
@@ -80,19 +81,21 @@ def _file_digest(path) -> str|None:
     try: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError: return None
 
+# %% ../nbs/06b_audit.ipynb #cf14f527
 def _cross_pairs(ids: pd.DataFrame, i, j, **cols) -> pd.DataFrame:
     "Pairs of manifest rows (positions i, j) as a table."
     a, b = ids.iloc[i].reset_index(drop=True), ids.iloc[j].reset_index(drop=True)
     return pd.DataFrame({'image_a': a['image_id'], 'split_a': a['split'], 'image_b': b['image_id'], 'split_b': b['split'],
                          'path_a': a['image_path'], 'path_b': b['image_path'], **cols})
 
+# %% ../nbs/06b_audit.ipynb #e96ffca9
 def audit_split(manifest: pd.DataFrame, # a manifest with `split` (train/val/test), patient_id, image_id, image_path
                 threshold: int = NEAR_DUPLICATE_BITS, # near duplicate: phash distance <= this many bits (of hash_size²)
                 hash_size: int = HASH_SIZE, # perceptual-hash side
-                read=None, # image reader (path -> float array); default: `cache_path` when present, else data.read_image
+                read=None, # image reader (path -> float array); default: `cache_path` when present, else io.read_image
                ) -> SplitAudit:
     "Check a split for patients, identical files and near-duplicate images (perceptual hash) shared by different splits."
-    from breast_cancer.data import read_image
+    from breast_cancer.io import read_image
     need = [c for c in ('split', 'patient_id', 'image_id', 'image_path') if c not in manifest]
     if need: raise DataError(f"audit_split: the manifest lacks column(s) {need}: run it on a split manifest (data.patient_split)")
     m = manifest.reset_index(drop=True).astype({'image_id': str, 'patient_id': str, 'split': str})

@@ -9,10 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import DataError, ConfigError, cache_dir, get_logger
+from .config import check_choice
 from .io import NONFINITE, read_image, read_resized, resize_longer, _is_dicom
 
 # %% auto #0
-__all__ = ['PEAK_BYTES_PER_PIXEL', 'image_cache_key', 'transform_and_resize', 'cache_file_problem', 'cache_images', 'load_cached']
+__all__ = ['PEAK_BYTES_PER_PIXEL', 'image_cache_key', 'transform_and_resize', 'cache_one', 'cache_worker_init',
+           'cache_file_problem', 'pool_context', 'cache_images', 'load_cached']
 
 # %% ../nbs/01d_cache.ipynb #4076adb6
 _log = get_logger('cache')
@@ -36,10 +38,12 @@ def _transform_key(transform) -> str:
                           'settings change (as WaveletPreprocessor does), so that the cache can tell its results apart')
     return key
 
+# %% ../nbs/01d_cache.ipynb #ecf3bfe0
 def _key(path: str, st: os.stat_result, size, tkey: str, nonfinite: str) -> str:
     raw = f'{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|{size}|{tkey}' + ('' if nonfinite == 'error' else f'|{nonfinite}')
     return hashlib.sha256(raw.encode()).hexdigest()[:20]
 
+# %% ../nbs/01d_cache.ipynb #a01f7349
 def image_cache_key(image_path, # the source image
               size: int|None = None, # the target longer side (None = source size)
               transform=None, # an object with a `cache_key` str attribute, or None
@@ -54,6 +58,7 @@ def _runs_at(transform) -> str:
     steps = getattr(transform, 'transforms', None) or [transform]
     return 'model' if any(getattr(t, 'at', 'source') == 'model' for t in steps) else 'source'
 
+# %% ../nbs/01d_cache.ipynb #772a4536
 def _work_size(shape, size, transform) -> int|None:
     "Longer side to run an `at='model'` transform at: `size`, or more where its `min_side` (wavelet levels) needs it."
     steps = getattr(transform, 'transforms', None) or [transform]
@@ -62,6 +67,7 @@ def _work_size(shape, size, transform) -> int|None:
     work = max(int(size), math.ceil(need * max(h, w) / max(1, min(h, w))) + 1)
     return None if work >= max(h, w) else work  # never upsample: then the source resolution is the model's
 
+# %% ../nbs/01d_cache.ipynb #5e959692
 def transform_and_resize(arr: np.ndarray, # float32 image in [0, 1]
                          size: int|None, # longer side of the result; None keeps the size
                          transform=None, # callable on a float32 image, or None; its `at` says before or after resizing
@@ -83,7 +89,8 @@ def _save_npy_atomic(dst: str, arr: np.ndarray):
         with contextlib.suppress(OSError): os.unlink(tmp)
         raise
 
-def _cache_one(src: str, dst: str, size, transform, nonfinite: str = 'error') -> str|None:
+# %% ../nbs/01d_cache.ipynb #3ee68659
+def cache_one(src: str, dst: str, size, transform, nonfinite: str = 'error') -> str|None:
     "Fill one cache file; returns an error message instead of raising (so one bad file does not stop the pool)."
     try:
         if size is not None and (transform is None or _runs_at(transform) == 'model'):   # shrink while reading
@@ -96,9 +103,10 @@ def _cache_one(src: str, dst: str, size, transform, nonfinite: str = 'error') ->
         return None
     except Exception as e: return f'{src}: {e}'
 
+# %% ../nbs/01d_cache.ipynb #c2994cae
 def _cache_many(tasks: list, size, transform, nonfinite: str = 'error') -> list:
     "Fill a batch of cache files (one pool task: many small IDC patches, or one full-size film); their error messages."
-    return [_cache_one(s, d, size, transform, nonfinite) for s, d in tasks]
+    return [cache_one(s, d, size, transform, nonfinite) for s, d in tasks]
 
 # %% ../nbs/01d_cache.ipynb #6cdb7053
 def _keep_freed_arrays(keep: bool = True):
@@ -112,7 +120,8 @@ def _keep_freed_arrays(keep: bool = True):
     mallopt(M_MMAP_THRESHOLD, (1 << 30) if keep else (32 << 20)); mallopt(M_TRIM_THRESHOLD, (1 << 30) if keep else (64 << 20))
     if not keep: trim(0)
 
-def _cache_worker_init():
+# %% ../nbs/01d_cache.ipynb #6049d32f
+def cache_worker_init():
     "Pool worker initializer: Ctrl-C stops the parent, which lets running tasks finish their atomic writes; freed arrays are reused."
     import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)
     _keep_freed_arrays()
@@ -145,13 +154,14 @@ def cache_file_problem(path, # a cached `.npy`
     return None
 
 # %% ../nbs/01d_cache.ipynb #589c24a7
-def _pool_context():
+def pool_context():
     "The multiprocessing context of the cache pool: fork is fast, but unsafe once TensorFlow has started its threads."
     import multiprocessing as mp, sys
     methods = mp.get_all_start_methods()
     return mp.get_context('fork' if 'fork' in methods and 'tensorflow' not in sys.modules else
                           'forkserver' if 'forkserver' in methods else 'spawn')
 
+# %% ../nbs/01d_cache.ipynb #6467445f
 def _run_cache(todo: list, size, transform, nonfinite: str, workers: int, chunk: int, progress: bool) -> list[str]:
     "Fill the cache for `todo` in this process or a pool with a bounded number of tasks in flight; the error messages."
     errors, tasks = [], [todo[i:i + chunk] for i in range(0, len(todo), chunk)]
@@ -164,8 +174,8 @@ def _run_cache(todo: list, size, transform, nonfinite: str, workers: int, chunk:
             finally: _keep_freed_arrays(False)   # this is the user's process: give the memory back
             return [e for e in errors if e]
         import concurrent.futures as cf, pickle
-        ctx, worker = _pool_context(), importlib.import_module('breast_cancer.cache')._cache_many  # importable by name in the children
-        pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=_cache_worker_init)
+        ctx, worker = pool_context(), importlib.import_module('breast_cancer.cache')._cache_many  # importable by name in the children
+        pool = cf.ProcessPoolExecutor(workers, mp_context=ctx, initializer=cache_worker_init)
         try:
             pending, it = {}, iter(tasks)
             for t in it:  # at most 2 tasks per worker in flight: one running, one queued (bounded memory)
@@ -184,6 +194,7 @@ def _run_cache(todo: list, size, transform, nonfinite: str, workers: int, chunk:
 # %% ../nbs/01d_cache.ipynb #be70d065
 def _safe_name(s: str) -> str: return re.sub(r'[^A-Za-z0-9._-]+', '_', str(s))[:80]
 
+# %% ../nbs/01d_cache.ipynb #c5bbbf88
 def _image_pixels(path: str) -> int:
     "Pixels of an image from its header only (PIL lazy open, or DICOM rows x columns); 0 when unknown."
     try:
@@ -194,7 +205,8 @@ def _image_pixels(path: str) -> int:
         with Image.open(path) as im: return im.size[0] * im.size[1] * len(im.getbands())
     except Exception: return 0
 
-PEAK_BYTES_PER_PIXEL = {'source': 26, 'model': 4}  # peak resident bytes per source pixel of one image, measured (`bench cache`)
+# %% ../nbs/01d_cache.ipynb #044e0474
+PEAK_BYTES_PER_PIXEL = {'source': 26, 'model': 4}  # peak resident bytes per source pixel of one image, measured (`breast-cancer bench cache-scale`)
 
 # %% ../nbs/01d_cache.ipynb #6053beaa
 def _cache_plan(todo: list, sizes: list, workers: int|None) -> tuple[int, int]:
@@ -204,6 +216,7 @@ def _cache_plan(todo: list, sizes: list, workers: int|None) -> tuple[int, int]:
     chunk = max(1, min(256, len(todo) // (workers * 8))) if small else 1
     return workers, chunk
 
+# %% ../nbs/01d_cache.ipynb #1a24f740
 def _check_existing(todo_all: list, size, verify: bool, log) -> list:
     "The (src, dst) pairs to (re)build: missing files, and damaged ones (with a warning naming each)."
     todo = []
@@ -213,6 +226,7 @@ def _check_existing(todo_all: list, size, verify: bool, log) -> list:
         if why: log.warning(f'cached image {d} is damaged ({why}): rebuilding it from {s}'); todo.append((s, d))
     return todo
 
+# %% ../nbs/01d_cache.ipynb #10548b49
 def cache_images(manifest: pd.DataFrame, # a manifest (image_path, dataset, image_id)
                  size: int|None = None, # longer side in pixels of the cached image; None keeps the source size
                  transform=None, # picklable callable on a float32 image with a str `cache_key` (its `at='model'` runs it after resizing)
@@ -226,7 +240,7 @@ def cache_images(manifest: pd.DataFrame, # a manifest (image_path, dataset, imag
     root = Path(cache_root) if cache_root is not None else cache_dir()/'images'
     tkey = _transform_key(transform)
     if size is not None and int(size) < 1: raise ConfigError(f'size={size}: give a positive number of pixels or None')
-    if nonfinite not in NONFINITE: raise ConfigError(f'nonfinite={nonfinite!r}: use one of {NONFINITE}')
+    check_choice(nonfinite, 'data.nonfinite', 'nonfinite')
     paths, missing, nbytes = [], [], {}
     for r in manifest[['dataset', 'image_id', 'image_path']].itertuples(index=False):
         try: st = os.stat(r.image_path)

@@ -4,27 +4,27 @@
 
 # %% ../nbs/05_cascade.ipynb #26e179d9
 from __future__ import annotations
-import json, tempfile, time, weakref
+import tempfile, time, weakref
 from pathlib import Path
 import numpy as np, pandas as pd
 import keras
 from fastcore.basics import patch
-from .core import (ConfigError, DataError, atomic_path, atomic_write_text, folder_lock, get_logger,
-                                seed_everything)
+from .core import ConfigError, DataError, atomic_path, get_logger, seed_everything
 from . import data as bc_data
 from .data import PREDICTION_COLUMNS
 from .metrics import (
     AGGREGATIONS, aggregate_breasts, binary_metrics, breast_side, choose_threshold, multiclass_metrics)
-from .config import Config, load_config
+from .config import Config, load_config, need_config
+from .rundir import ModelDir, RunDir
 from .model import small_cnn
 from .train import (cache_manifest, make_dataset, train, init_run_dir, ensure_split,
                                  image_transform, package_versions, _cache_size, load_manifest, stage_done,
                                  distribute_scope, _run_folder, from_chief, sync_from_chief)
 
 # %% auto #0
-__all__ = ['cascade_labels', 'Cascade', 'build_stage', 'small_stage', 'predictions_frame', 'summarize_predictions',
-           'cross_validate', 'quick_config', 'prepare', 'run_from_config', 'predict_files', 'predict_table',
-           'choose_threshold']
+__all__ = ['PREDICT_EXTRA', 'cascade_labels', 'Cascade', 'build_stage', 'small_stage', 'predictions_frame',
+           'summarize_predictions', 'cross_validate', 'quick_config', 'prepare', 'run_from_config', 'predict_table',
+           'predict_files', 'choose_threshold']
 
 # %% ../nbs/05_cascade.ipynb #3634e0f0
 _log = get_logger('cascade')
@@ -50,11 +50,11 @@ class Cascade:
                  stage2=None, # Keras model for benign vs malignant
                  threshold1: float = 0.5, # abnormal when p_abnormal >= threshold1
                  threshold2: float = 0.5, # malignant when p_malignant >= threshold2
-                 config=None, # the run config (preprocessing, input size); needed to predict from files
+                 config: Config|None = None, # the run config (preprocessing, input size); needed to predict from files
                 ):
         self.stage1, self.stage2 = stage1, stage2
         self.threshold1, self.threshold2 = float(threshold1), float(threshold2)
-        self.config = load_config(config) if config is not None else None
+        self.config = need_config(config, 'Cascade') if config is not None else None
 
     @property
     def task(self) -> str: return 'binary' if self.stage1 is None and (self.config is None or self.config.task == 'binary') else 'cascade'
@@ -63,27 +63,27 @@ class Cascade:
         return f'Cascade(task={self.task!r}, threshold1={self.threshold1:.3f}, threshold2={self.threshold2:.3f})'
 
 # %% ../nbs/05_cascade.ipynb #65e28edf
-def build_stage(config):
+def build_stage(config: Config) -> keras.Model:
     "A fresh one-unit sigmoid model as the config describes (`model.build_model`)."
     from breast_cancer import model as bc_model
-    c = load_config(config)
+    c = need_config(config, 'build_stage')
     return bc_model.build_model(c.model.backbone, input_shape=(c.data.image_size, c.data.image_size, c.data.channels),
                                 weights=c.model.weights, head=c.model.head, n_classes=1, dropout=c.model.dropout, freeze=c.model.freeze)
 
 # %% ../nbs/05_cascade.ipynb #6d008743
-def small_stage(config, # a Config, dict or YAML path
+def small_stage(config: Config, # the run config (its input size)
                ) -> keras.Model:
     "The stand-in for `build_stage` in tests and demos: `model.small_cnn` at the config's input size."
-    c = load_config(config)
+    c = need_config(config, 'small_stage')
     return small_cnn((c.data.image_size, c.data.image_size, c.data.channels))
 
 # %% ../nbs/05_cascade.ipynb #7da76f80
 @patch(cls_method=True)
-def from_config(cls: Cascade, config, # a Config, dict or YAML path
+def from_config(cls: Cascade, config: Config, # the run config (`load_config` it first)
                 build=None, # callable(config) -> Keras model; default `build_stage` (the config's backbone)
                ) -> Cascade:
     "A cascade with freshly built stages (stage 1 only in cascade mode), seeded by the config."
-    c = load_config(config); seed_everything(c.seed, deterministic=c.train.deterministic); build = build or build_stage
+    c = need_config(config, 'Cascade.from_config'); seed_everything(c.seed, deterministic=c.train.deterministic); build = build or build_stage
     with distribute_scope(c): stage1, stage2 = (build(c) if c.task == 'cascade' else None), build(c)  # on every replica
     return cls(stage1, stage2, config=c)
 
@@ -98,6 +98,8 @@ def _predict_fn(model):
         _PREDICT_FNS[model] = tf.function(lambda x: model(x, training=False), input_signature=[spec])
     return _PREDICT_FNS[model]
 
+
+# %% ../nbs/05_cascade.ipynb #b090956a
 def _predict_manifest(model, manifest, config, batch_size=None):
     ds = make_dataset(manifest, config, training=False, labels=False, batch_size=batch_size)
     fn = _predict_fn(model)
@@ -117,24 +119,24 @@ def probabilities(self: Cascade, manifest: pd.DataFrame, # rows to predict (cach
 # %% ../nbs/05_cascade.ipynb #ed323c61
 @patch
 def fit(self: Cascade, manifest: pd.DataFrame, # manifest; split by patient when it has no `split` column
-        config=None, # the run config (default: the cascade's)
+        config: Config|None = None, # the run config (default: the cascade's)
         run_dir=None, # run folder (default: runs_dir()/config.name)
         callbacks: list|None = None, # extra Keras callbacks for both stages
         verbose=0, # passed to model.fit
        ) -> Cascade:
     "Train stage 1 (all images) and stage 2 (abnormal images), then choose both thresholds on validation rows."
-    c = load_config(config if config is not None else self.config); self.config = c
+    c = need_config(config if config is not None else self.config, 'Cascade.fit'); self.config = c
     if self.stage2 is None: fresh = Cascade.from_config(c); self.stage1, self.stage2 = fresh.stage1, fresh.stage2
     manifest = cache_manifest(ensure_split(manifest, c), c)
-    run_dir = _run_folder(run_dir, c)
-    with folder_lock(run_dir, 'run folder'):  # one writer per run folder
-        if not (run_dir/'config.yaml').exists(): init_run_dir(c, manifest, run_dir)
+    run_dir = _run_folder(run_dir, c); run = RunDir(run_dir)
+    with run.lock():  # one writer per run folder
+        if not run.exists(): init_run_dir(c, manifest, run_dir)
         stages = [('stage1', self.stage1, 'abnormal')] if c.task == 'cascade' else []
         if c.task == 'cascade' and self.stage1 is None: raise ConfigError("task 'cascade' needs a stage-1 model: pass stage1= or use Cascade.from_config")
         for stage, model, target in stages + [('stage2', self.stage2, 'malignant')]:
             if from_chief([stage_done(run_dir, stage, c, manifest)], c)[0]:  # finished earlier with this config (the chief's word)
-                _log.info(f'{stage}: already trained in {run_dir/stage} with this config; loading it')
-                if (run_dir/stage/'model.keras').exists(): model.load_weights(run_dir/stage/'model.keras')
+                _log.info(f'{stage}: already trained in {run.stage(stage).path} with this config; loading it')
+                if run.stage(stage).model.exists(): model.load_weights(run.stage(stage).model)
                 sync_from_chief(model, c)
             else: train(model, manifest, c, run_dir, stage, target=target, callbacks=callbacks, verbose=verbose)
     self.choose_thresholds(manifest[manifest['split'] == 'val'])
@@ -164,7 +166,7 @@ def _to_cache(images, config, folder: Path) -> list[str]:
     if files:  # the training cache's own code path: data.cache_images into a temporary cache
         m = pd.DataFrame({'dataset': 'predict', 'image_id': [f'{i:06d}' for i, _ in files], 'image_path': [p for _, p in files]})
         for (i, _), p in zip(files, bc_data.cache_images(m, size=size, transform=transform, cache_root=folder, workers=1, progress=False,
-                                                                   nonfinite=load_config(config).data.nonfinite)['cache_path']):
+                                                                   nonfinite=config.data.nonfinite)['cache_path']):
             out[i] = p
     for i, im in enumerate(images):
         if out[i] is not None: continue
@@ -180,7 +182,7 @@ def _to_cache(images, config, folder: Path) -> list[str]:
 def predict(self: Cascade, images, # a manifest, or a list of image paths / float32 arrays
             batch_size: int|None = None, # default: the config's batch size
            ) -> pd.DataFrame:
-    "Per image: `p_abnormal`, `p_malignant` and the three-class `label` (+ `image_id`/`image_path` for a manifest)."
+    "Per image: `image_path`, `p_abnormal`, `p_malignant` and the three-class `pred_label` (+ `dataset`/`image_id` for a manifest)."
     if self.config is None: raise ConfigError('this Cascade has no config: pass config= or use Cascade.load(dir)')
     if isinstance(images, (str, Path, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
         images = [images]
@@ -194,47 +196,47 @@ def predict(self: Cascade, images, # a manifest, or a list of image paths / floa
             pa, pm = self.probabilities(m, batch_size)
         out = pd.DataFrame({'image_path': [str(x) if isinstance(x, (str, Path)) else None for x in images]})
     out['p_abnormal'], out['p_malignant'] = pa, pm
-    out['label'] = cascade_labels(pa, pm, self.threshold1, self.threshold2)
+    out['pred_label'] = cascade_labels(pa, pm, self.threshold1, self.threshold2)
     return out
 
 # %% ../nbs/05_cascade.ipynb #0a908f6e
 @patch
 def save(self: Cascade, path, # the folder to write (replaced atomically)
         ) -> Path:
-    "Save both stages, the thresholds and the preprocessing config into one folder, atomically."
+    "Save both stages, the thresholds and the preprocessing config into one folder (a `ModelDir`), atomically."
     if self.config is None: raise ConfigError('cannot save a Cascade without its config: pass config= when creating it')
-    path = Path(path)
-    with atomic_path(path, is_dir=True) as tmp:
-        if self.stage1 is not None: self.stage1.save(tmp/'stage1.keras')
-        self.stage2.save(tmp/'stage2.keras')
-        c = self.config
-        meta = {'task': self.task, 'threshold1': self.threshold1, 'threshold2': self.threshold2,
-                'threshold_rule': c.get('thresholds'), 'input_shape': [c.data.image_size, c.data.image_size, c.data.channels],
-                'wavelet': c.wavelet, 'stain': c.stain, 'input': c.data.input, 'resize': c.data.resize, 'packages': package_versions()}
-        (tmp/'cascade.json').write_text(json.dumps(meta, indent=2))
-        (tmp/'config.yaml').write_text(c.to_yaml())
-    return path
+    c = self.config
+    meta = {'task': self.task, 'threshold1': self.threshold1, 'threshold2': self.threshold2,
+            'threshold_rule': c.get('thresholds'), 'input_shape': [c.data.image_size, c.data.image_size, c.data.channels],
+            'wavelet': c.wavelet, 'stain': c.stain, 'input': c.data.input, 'resize': c.data.resize, 'packages': package_versions()}
+    with atomic_path(Path(path), is_dir=True) as tmp:
+        out = ModelDir(tmp)
+        for stage, model in (('stage1', self.stage1), ('stage2', self.stage2)):
+            if model is not None: model.save(out.stage_model(stage))
+        out.write(meta, c)
+    return Path(path)
 
 # %% ../nbs/05_cascade.ipynb #38dec507
+def _load_keras(f: Path) -> keras.Model:
+    "A saved stage model, loaded without running any Python code stored in it."
+    import breast_cancer.model  # registers the custom layers, schedules and metrics
+    try: return keras.saving.load_model(f, compile=False)
+    except ValueError as e:
+        if 'Lambda' not in str(e): raise DataError(f'{f}: not a loadable Keras model ({e})') from e
+        raise DataError(f'{f}: refused to load: the model holds a Lambda layer, whose Python code would run on loading; '
+                        'rebuild it without Lambda layers, or load it yourself with keras.saving.load_model(..., '
+                        'safe_mode=False) only if you trust where it came from') from None
+
+# %% ../nbs/05_cascade.ipynb #ca0f9991
 @patch(cls_method=True)
 def load(cls: Cascade, path, # a folder written by `Cascade.save`, or a run folder holding `cascade/`
         ) -> Cascade:
     "Load a cascade saved by `Cascade.save` (a cascade folder, or a run folder holding `cascade/`)."
-    path = Path(path)
-    if (path/'cascade'/'cascade.json').exists(): path = path/'cascade'
-    if not (path/'cascade.json').exists():
-        raise DataError(f'{path} is not a saved cascade (no cascade.json): pass a run folder or the folder given to Cascade.save')
-    meta = json.loads((path/'cascade.json').read_text())
-    import breast_cancer.model  # registers the custom layers, schedules and metrics
-    def load(f):
-        try: return keras.saving.load_model(f, compile=False)
-        except ValueError as e:
-            if 'Lambda' not in str(e): raise DataError(f'{f}: not a loadable Keras model ({e})') from e
-            raise DataError(f'{f}: refused to load: the model holds a Lambda layer, whose Python code would run on loading; '
-                            'rebuild it without Lambda layers, or load it yourself with keras.saving.load_model(..., '
-                            'safe_mode=False) only if you trust where it came from') from None
-    stage1 = load(path/'stage1.keras') if (path/'stage1.keras').exists() else None
-    return cls(stage1, load(path/'stage2.keras'), meta['threshold1'], meta['threshold2'], config=load_config(path/'config.yaml'))
+    saved = ModelDir(path)
+    if not saved.exists() and RunDir(path).cascade.exists(): saved = RunDir(path).cascade
+    meta = saved.read_meta()
+    stage1 = _load_keras(saved.stage_model('stage1')) if saved.stage_model('stage1').exists() else None
+    return cls(stage1, _load_keras(saved.stage_model('stage2')), meta['threshold1'], meta['threshold2'], config=saved.read_config())
 
 # %% ../nbs/05_cascade.ipynb #9326116a
 def predictions_frame(cascade: Cascade, # a fitted cascade
@@ -252,71 +254,62 @@ def predictions_frame(cascade: Cascade, # a fitted cascade
     out['stage2_label'] = np.where(pm >= cascade.threshold2, 'malignant', 'benign')
     return out[[*PREDICTION_COLUMNS, 'stage2_label']]
 
-# %% ../nbs/05_cascade.ipynb #a66bf266
-def _scores(y, p, pred) -> dict:
-    "n, accuracy, ROC AUC, sensitivity and specificity of one binary evaluation (`metrics.binary_metrics`, no bootstrap)."
-    if not len(y): return {'n': 0, 'accuracy': np.nan, 'auc': np.nan, 'sensitivity': np.nan, 'specificity': np.nan}
-    m = binary_metrics(y, p, y_pred=pred, n_boot=0)
-    return {'n': m.n_images, 'accuracy': m['accuracy'], 'auc': m['roc_auc'], 'sensitivity': m['sensitivity'], 'specificity': m['specificity']}
-
 # %% ../nbs/05_cascade.ipynb #6127da76
-def summarize_predictions(pred: pd.DataFrame) -> pd.DataFrame:
-    "Point metrics per evaluation: `stage1`, `stage2_on_true_abnormal` and `end_to_end` (no CIs: see the evaluate module)."
-    rows = {}
-    t = pred['true_label']
-    if pred['p_abnormal'].notna().any():
-        rows['stage1'] = _scores(t != 'normal', pred['p_abnormal'], pred['pred_label'] != 'normal')
-    ab = pred[t != 'normal']
-    rows['stage2_on_true_abnormal'] = _scores(ab['true_label'] == 'malignant', ab['p_malignant'], ab['stage2_label'] == 'malignant')
-    p_e2e = pred['p_malignant'] * pred['p_abnormal'].fillna(1.0)
-    e2e = _scores(t == 'malignant', p_e2e, pred['pred_label'] == 'malignant')
-    e2e['accuracy_3class'] = multiclass_metrics(t, pred['pred_label'], n_boot=0)['accuracy']
-    rows['end_to_end'] = e2e
+def summarize_predictions(pred: pd.DataFrame, # Predictions contract rows with `stage2_label` (`predictions_frame`)
+                         ) -> pd.DataFrame:
+    "Point metrics (`metrics.binary_metrics`, no CIs) per evaluation: `stage1`, `stage2_on_true_abnormal`, `end_to_end`."
+    t = pred['true_label']; ab = pred[t != 'normal']
+    parts = {'stage1': (t != 'normal', pred['p_abnormal'], pred['pred_label'] != 'normal'),
+             'stage2_on_true_abnormal': (ab['true_label'] == 'malignant', ab['p_malignant'], ab['stage2_label'] == 'malignant'),
+             'end_to_end': (t == 'malignant', pred['p_malignant'] * pred['p_abnormal'].fillna(1.0), pred['pred_label'] == 'malignant')}
+    if pred['p_abnormal'].isna().all(): del parts['stage1']   # binary mode: no stage 1
+    rows = {k: {'n': len(y), **binary_metrics(y, p, y_pred=yp, n_boot=0).table['value']} for k, (y, p, yp) in parts.items() if len(y)}
+    rows['end_to_end']['accuracy_3class'] = multiclass_metrics(t, pred['pred_label'], n_boot=0)['accuracy']
     return pd.DataFrame(rows).T.rename_axis('evaluation')
 
 # %% ../nbs/05_cascade.ipynb #3b46b3c5
-def cross_validate(config, # a Config, dict or YAML path
+def cross_validate(config: Config, # the run config (`load_config` it first)
                    manifest: pd.DataFrame|None = None, # default: load_manifest(config)
-                   run_dir=None, # default: runs_dir()/config.name; fold k trains in run_dir/cv/fold<k>
+                   run_dir=None, # default: runs_dir()/config.name; fold k trains in `RunDir.fold(k)`
                    build=None, # callable(config) -> Keras model; default `build_stage`
                    verbose=0, # passed to model.fit
                   ) -> pd.DataFrame:
     "Out-of-fold predictions (Predictions contract) from stratified patient-level k-fold over both stages."
-    c = load_config(config)
+    c = need_config(config, 'cross_validate')
     manifest = load_manifest(c) if manifest is None else manifest
     manifest = cache_manifest(bc_data.patient_kfold(manifest.drop(columns=['split'], errors='ignore'), n_splits=c.data.folds, seed=c.seed), c)
-    run_dir = _run_folder(run_dir, c)
-    with folder_lock(run_dir, 'run folder'):  # one writer per run folder
+    run = RunDir(_run_folder(run_dir, c))
+    with run.lock():  # one writer per run folder
         inner_val = c.data.val_size or 0.15
         oof = []
         for k in range(c.data.folds):
             fit_rows = bc_data.patient_split(manifest[manifest['fold'] != k], test_size=0.0, val_size=inner_val, seed=c.seed)
             held = manifest[manifest['fold'] == k].assign(split='test')
-            cascade = Cascade.from_config(c, build).fit(fit_rows, c, run_dir/'cv'/f'fold{k}', verbose=verbose)
+            cascade = Cascade.from_config(c, build).fit(fit_rows, c, run.fold(k).path, verbose=verbose)
             oof.append(predictions_frame(cascade, held, fold=k))
             _log.info(f'fold {k + 1}/{c.data.folds}: {len(held)} held-out images predicted')
         oof = pd.concat(oof, ignore_index=True)
-        with atomic_path(run_dir/'oof_predictions.csv') as tmp: oof.to_csv(tmp, index=False)
+        run.write_predictions(oof, 'oof')
     return oof
 
 # %% ../nbs/05_cascade.ipynb #48205659
-def quick_config(config) -> Config:
+def quick_config(config: Config) -> Config:
     "A smoke-test version of a config: 1 epoch of 2 steps, images at most 64 px, batch <= 8, no pretrained weights."
-    c = load_config(config)
+    c = need_config(config, 'quick_config')
     return c.replace(**{'train.epochs': 1, 'train.steps_per_epoch': 2, 'train.validation_steps': 1,
                         'train.batch_size': min(c.train.batch_size, 8), 'data.image_size': min(c.data.image_size, 64),
                         'model.weights': None, 'data.folds': min(c.data.folds, 2)})
 
 # %% ../nbs/05_cascade.ipynb #3604f0ad
-def prepare(config, # a Config, dict or YAML path
+def prepare(config: Config, # the run config (`load_config` it first)
             verify: bool = False, # also read every existing cache file in full and rebuild the damaged ones
            ) -> pd.DataFrame:
     "Load the config's datasets and fill the image cache with its preprocessing; returns the manifest with `cache_path`."
-    c = load_config(config)
+    c = need_config(config, 'prepare')
     return cache_manifest(load_manifest(c), c, verify=verify)
 
 # %% ../nbs/05_cascade.ipynb #732ac94d
-def run_from_config(config, # a Config, dict or YAML path
+def run_from_config(config, # a Config, dict, YAML path or preset name: resolved here, once
                     run_dir=None, # default: runs_dir()/config.name
                     quick: bool = False, # smoke-test size (see quick_config)
                     build=None, # callable(config) -> Keras model; default `build_stage`
@@ -325,61 +318,76 @@ def run_from_config(config, # a Config, dict or YAML path
     "Train a run end to end from its config and write the run folder (split, stages, cascade, test predictions); returns it."
     c = load_config(config)
     if quick: c = quick_config(c)
-    run_dir = _run_folder(run_dir, c)
-    with folder_lock(run_dir, 'run folder'):  # one writer per run folder
+    run_dir = _run_folder(run_dir, c); run = RunDir(run_dir)
+    with run.lock():  # one writer per run folder
         t0 = time.perf_counter()
         manifest = ensure_split(load_manifest(c), c)
         manifest = cache_manifest(manifest, c)  # before the strategy: its collective ops must be set up before any TF op
         init_run_dir(c, manifest, run_dir)
         cascade = Cascade.from_config(c, build).fit(manifest, c, run_dir, verbose=verbose)
-        cascade.save(run_dir/'cascade')
+        cascade.save(run.cascade.path)
         test = manifest[manifest['split'] == 'test']
         if len(test):
             pred = predictions_frame(cascade, test)
-            with atomic_path(run_dir/'predictions.csv') as tmp: pred.to_csv(tmp, index=False)
-            with atomic_path(run_dir/'summary.csv') as tmp: summarize_predictions(pred).to_csv(tmp)
-        md = json.loads((run_dir/'metadata.json').read_text())
-        md.update(wall_time_s=round(time.perf_counter() - t0, 1), threshold1=cascade.threshold1, threshold2=cascade.threshold2, quick=quick)
-        atomic_write_text(run_dir/'metadata.json', json.dumps(md, indent=2, default=str))
+            run.write_predictions(pred); run.write_summary(summarize_predictions(pred))
+        md = run.update_metadata(wall_time_s=round(time.perf_counter() - t0, 1), threshold1=cascade.threshold1,
+                                 threshold2=cascade.threshold2, quick=quick)
         _log.info(f'run {c.name!r} done in {md["wall_time_s"]} s: {run_dir}')
     return run_dir
 
-# %% ../nbs/05_cascade.ipynb #934c20c2
+# %% ../nbs/05_cascade.ipynb #ab11131e
+PREDICT_EXTRA = ('threshold_abnormal', 'threshold_malignant',        # the thresholds that made `pred_label`
+                 'breast_p_abnormal', 'breast_p_malignant', 'breast_label')  # with a views table: the breast's scores and label
+
+# %% ../nbs/05_cascade.ipynb #3afd14dd
+def _existing_files(paths: list) -> list[str]:
+    "The paths as strings; a `DataError` listing the first missing ones."
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing: raise DataError(f'{len(missing)} image file(s) not found: {", ".join(missing[:3])}')
+    return [str(p) for p in paths]
+
+# %% ../nbs/05_cascade.ipynb #acdbae5a
+def _read_views(views) -> pd.DataFrame:
+    "A views table (DataFrame or CSV) keyed by resolved `image_path` (the old name `path` is accepted)."
+    v = pd.read_csv(views, dtype=str) if isinstance(views, (str, Path)) else views.copy()
+    if 'image_path' not in v: v = v.rename(columns={'path': 'image_path'})
+    if need := [c for c in ('image_path', 'patient_id', 'laterality') if c not in v]:
+        raise DataError(f"views table lacks column(s) {need}: it needs image_path, patient_id, laterality (and view) per image")
+    v['image_path'] = v['image_path'].map(lambda p: str(Path(p).resolve()))
+    return v.drop_duplicates('image_path')
+
+# %% ../nbs/05_cascade.ipynb #365da63f
+def _add_breasts(out: pd.DataFrame, views: pd.DataFrame, aggregation: str, t1: float, t2: float) -> pd.DataFrame:
+    "`out` with the views' columns and the breast-level scores and label (empty label for images not in `views`)."
+    key = out['image_path'].map(lambda p: str(Path(p).resolve()))   # matched by file, printed as the caller wrote it
+    out = out.assign(_key=key).merge(views.rename(columns={'image_path': '_key'}), on='_key', how='left').drop(columns='_key')
+    known = out['patient_id'].notna().to_numpy()
+    breasts = aggregate_breasts(out[known], ('p_abnormal', 'p_malignant'), aggregation=aggregation)
+    side = pd.DataFrame({'patient_id': out['patient_id'].astype(str), 'laterality': breast_side(out)})
+    at = side.merge(breasts, on=['patient_id', 'laterality'], how='left')
+    for col in ('p_abnormal', 'p_malignant'): out[f'breast_{col}'] = at[col].where(known).to_numpy()
+    labels = cascade_labels(out['breast_p_abnormal'].to_numpy(float), out['breast_p_malignant'].to_numpy(float), t1, t2)
+    out['breast_label'] = np.where(known, labels, '')
+    return out
+
+# %% ../nbs/05_cascade.ipynb #67362671
+def predict_table(model_dir, # a run folder (holding cascade/) or a folder written by Cascade.save
+                  paths: list, # image files: PGM, PNG, JPEG or DICOM
+                  views=None, # None, or a DataFrame / CSV with image_path, patient_id, laterality (and view) per image
+                  aggregation: str = 'mean', # a breast's score from its views: 'mean' or 'max'
+                 ) -> pd.DataFrame:
+    "One row per image: image_path, p_abnormal, p_malignant, both thresholds, pred_label; with `views`, the breast's too."
+    paths = _existing_files(paths)
+    if aggregation not in AGGREGATIONS: raise ConfigError(f"aggregation={aggregation!r} is unknown: use 'mean' or 'max'")
+    cas = Cascade.load(model_dir); out = cas.predict(paths)
+    out.insert(3, PREDICT_EXTRA[0], np.nan if cas.stage1 is None else float(cas.threshold1))
+    out.insert(4, PREDICT_EXTRA[1], float(cas.threshold2))
+    return out if views is None else _add_breasts(out, _read_views(views), aggregation, cas.threshold1, cas.threshold2)
+
+# %% ../nbs/05_cascade.ipynb #2a978fdf
 def predict_files(model_dir, # a run folder (holding cascade/) or a folder written by Cascade.save
                   paths: list, # image files: PGM, PNG, JPEG or DICOM
                  ) -> list[dict]:
-    "Predict image files with a saved cascade: one dict per image with path, p_abnormal, p_malignant, label."
-    missing = [str(p) for p in paths if not Path(p).exists()]
-    if missing: raise DataError(f'{len(missing)} image file(s) not found: {", ".join(missing[:3])}')
-    df = Cascade.load(model_dir).predict([str(p) for p in paths])
-    return [{'path': str(p), 'p_abnormal': None if np.isnan(a) else float(a), 'p_malignant': float(m), 'label': str(l)}
-            for p, a, m, l in zip(paths, df['p_abnormal'], df['p_malignant'], df['label'])]
-
-# %% ../nbs/05_cascade.ipynb #7891b04f
-def predict_table(model_dir, # a run folder (holding cascade/) or a folder written by Cascade.save
-                  paths: list, # image files: PGM, PNG, JPEG or DICOM
-                  views=None, # None, or a DataFrame / CSV with path, patient_id, laterality (and view) per image
-                  aggregation: str = 'mean', # a breast's score from its views: 'mean' or 'max'
-                 ) -> pd.DataFrame:
-    "One row per image: path, p_abnormal, p_malignant, both thresholds, label; with `views`, the breast-level scores and label."
-    missing = [str(p) for p in paths if not Path(p).exists()]
-    if missing: raise DataError(f'{len(missing)} image file(s) not found: {", ".join(missing[:3])}')
-    if aggregation not in AGGREGATIONS: raise ConfigError(f"aggregation={aggregation!r} is unknown: use 'mean' or 'max'")
-    cas = Cascade.load(model_dir); df = cas.predict([str(p) for p in paths])
-    t1 = np.nan if cas.stage1 is None else float(cas.threshold1)
-    out = pd.DataFrame({'path': [str(p) for p in paths], 'p_abnormal': df['p_abnormal'].to_numpy(float), 'p_malignant': df['p_malignant'].to_numpy(float),
-                        'threshold_abnormal': t1, 'threshold_malignant': float(cas.threshold2), 'label': df['label'].to_numpy()})
-    if views is None: return out
-    v = pd.read_csv(views, dtype=str) if isinstance(views, (str, Path)) else views.astype({'path': str})
-    if need := [c for c in ('path', 'patient_id', 'laterality') if c not in v]:
-        raise DataError(f"views table lacks column(s) {need}: it needs path, patient_id, laterality (and view) per image")
-    key = lambda s: s.map(lambda p: str(Path(p).resolve()))
-    v = v.assign(_key=key(v['path'])).drop(columns='path').drop_duplicates('_key')
-    out = out.assign(_key=key(out['path'])).merge(v, on='_key', how='left').drop(columns='_key')
-    known = out['patient_id'].notna().to_numpy()
-    breasts = aggregate_breasts(out[known], ('p_abnormal', 'p_malignant'), aggregation=aggregation)
-    at = pd.DataFrame({'patient_id': out['patient_id'].astype(str), 'laterality': breast_side(out)}).merge(breasts, on=['patient_id', 'laterality'], how='left')
-    for col in ('p_abnormal', 'p_malignant'): out[f'breast_{col}'] = at[col].where(known).to_numpy()
-    out['breast_label'] = np.where(out['patient_id'].notna(), cascade_labels(out['breast_p_abnormal'].to_numpy(float),
-                                   out['breast_p_malignant'].to_numpy(float), cas.threshold1, cas.threshold2), '')
-    return out
+    "`predict_table`'s rows as dicts: image_path, p_abnormal (None in binary mode), p_malignant, the thresholds, pred_label."
+    table = predict_table(model_dir, paths)
+    return table.astype(object).where(table.notna(), None).to_dict('records')

@@ -12,7 +12,7 @@ from .core import BreastCancerError, get_logger, reports_dir
 # %% auto #0
 __all__ = ['build_parser', 'main']
 
-# %% ../nbs/08_cli.ipynb #d5ac2d39
+# %% ../nbs/08_cli.ipynb #a2e5e824
 _EXAMPLES = {  # subcommand: the examples its --help ends with
     'configs': ['breast-cancer configs', 'breast-cancer configs show demo > my.yaml',
                 'breast-cancer configs show demo --set data.image_size=128    # the resolved config'],
@@ -23,17 +23,20 @@ _EXAMPLES = {  # subcommand: the examples its --help ends with
               'breast-cancer train --config demo --quick -v --workers 2    # 2 local worker processes',
               'breast-cancer train --config demo --set train.epochs=5 --set data.image_size=128'],
     'evaluate': ['breast-cancer evaluate --run runs/demo',
-                 'breast-cancer evaluate --run runs/demo --predictions oof_predictions.csv --n-boot 500'],
+                 'breast-cancer evaluate --run runs/demo --predictions oof --n-boot 500'],
     'report': ['breast-cancer report --datasets mias --config demo --quick',
                'breast-cancer report --datasets mias,breakhis --config demo --jobs 2',
                'breast-cancer report --datasets mias --config demo --set train.epochs=5'],
     'predict': ['breast-cancer predict --model runs/demo data/mini-mias-256/mdb001.png',
                 'breast-cancer predict --model runs/demo/cascade scans/*.dcm --out predictions.csv'],
     'audit': ['breast-cancer audit --config demo', 'breast-cancer audit --manifest my_split.csv --out audit.html'],
-    'bench': ['breast-cancer bench wavelet --n 4 --size 512', 'breast-cancer bench cache --workers 2', 'breast-cancer bench learn --config demo --size 64 --every 25 --time-limit 900',
-              'breast-cancer bench bootstrap'],
+    'bench': ['breast-cancer bench wavelet --n 4 --size 512', 'breast-cancer bench cache-scale --films 128 --workers 2',
+              'breast-cancer bench learn --config demo --size 64 --every 25 --time-limit 900',
+              'breast-cancer bench learn --help    # the flags of one benchmark'],
 }
 
+
+# %% ../nbs/08_cli.ipynb #e89f5f1f
 def _epilog(name: str) -> str|None:
     "The examples block that ends a subcommand's --help (None when it has none)."
     ex = _EXAMPLES.get(name)
@@ -46,6 +49,113 @@ def _set_verbosity(level: int, # 0: warnings; 1 (-v): info and progress; 2 (-vv)
     if level >= 2: os.environ['TF_CPP_MIN_LOG_LEVEL'] = '0'
     else: os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # an explicit setting in the environment wins
     get_logger().setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(max(level, 0), 2)])
+
+# %% ../nbs/08_cli.ipynb #0eb85ee0
+def _subcommand(sub, name: str, func, help: str) -> argparse.ArgumentParser:
+    "Add the subcommand `name`, run by `func`: its help, its examples, and -v/-vv accepted after it too."
+    loud = argparse.ArgumentParser(add_help=False)
+    loud.add_argument('-v', '--verbose', action='count', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sp = sub.add_parser(name, help=help, description=help, epilog=_epilog(name), parents=[loud],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sp.set_defaults(func=func); return sp
+
+# %% ../nbs/08_cli.ipynb #a903ee90
+_CONFIG_HELP = 'a preset name (see `breast-cancer configs`) or a YAML file'
+_OVERRIDE = dict(action='append', default=[], metavar='KEY=VALUE', help='override a config key, e.g. train.epochs=5 (repeatable)')
+
+# %% ../nbs/08_cli.ipynb #528ce981
+def _configs(args):
+    from breast_cancer.config import config_path, presets
+    if args.action == 'show':
+        if not args.name: raise BreastCancerError(f"configs show: name a preset, one of {', '.join(presets())}")
+        if args.set:  # the resolved config: the preset with the overrides applied and checked by the schema
+            from breast_cancer.config import apply_overrides
+            print(apply_overrides(args.name, args.set).to_yaml(), end='')
+        else: print(config_path(args.name).read_text(encoding='utf-8'), end='')  # the file as shipped, comments included
+        return
+    for name, path in presets().items():
+        first = next((l.lstrip('# ').strip() for l in path.read_text(encoding='utf-8').splitlines() if l.startswith('#')), '')
+        print(f'{name:<24} {first}')
+    print("\nUse one by name (--config demo), or copy it: breast-cancer configs show demo > my.yaml")
+
+# %% ../nbs/08_cli.ipynb #df8cf4eb
+def _add_configs(sub):
+    sp = _subcommand(sub, 'configs', _configs, 'list the packaged run-config presets, or print one (configs show NAME) to copy and edit')
+    sp.add_argument('action', nargs='?', choices=['list', 'show'], default='list', help='list (default) or show')
+    sp.add_argument('name', nargs='?', default=None, help='the preset to show, e.g. demo')
+    sp.add_argument('--set', **_OVERRIDE)
+
+# %% ../nbs/08_cli.ipynb #b762e2e9
+def _download(args):
+    from breast_cancer.data import download
+    out = download(args.name, args.dest, url=args.url, keep_archive=args.keep_archive)
+    if out is not None: print(out)
+
+# %% ../nbs/08_cli.ipynb #8f3e0eb4
+def _add_download(sub):
+    sp = _subcommand(sub, 'download', _download, 'fetch mini-MIAS (verified), or print how to get a registered dataset')
+    sp.add_argument('name', help='mias, cbis_ddsm, ddsm, cmmd, breakhis or idc')
+    sp.add_argument('dest', nargs='?', default=None, help='target folder (default: under the data folder)')
+    sp.add_argument('--url', default=None, help='another URL, or a local copy of all-mias.tar.gz')
+    sp.add_argument('--keep-archive', action='store_true', help='keep the downloaded archive')
+
+# %% ../nbs/08_cli.ipynb #5f211e51
+def _prepare(args):
+    from breast_cancer.cascade import prepare
+    from breast_cancer.config import load_config
+    m = prepare(load_config(args.config), verify=args.verify)   # the config, resolved once here
+    print(f"{'verified and ' if args.verify else ''}cached {len(m)} images ({m['cache_path'].map(lambda p: str(p).rsplit('/', 2)[0]).nunique()} cache folder(s))")
+
+# %% ../nbs/08_cli.ipynb #d95cadf2
+def _add_prepare(sub):
+    sp = _subcommand(sub, 'prepare', _prepare, 'decode, preprocess and cache the images a config needs')
+    sp.add_argument('--config', required=True, help=_CONFIG_HELP)
+    sp.add_argument('--verify', action='store_true', help='read every cached file in full and rebuild damaged ones')
+
+# %% ../nbs/08_cli.ipynb #e58daa0e
+def _train(args):
+    from breast_cancer.config import apply_overrides
+    config = apply_overrides(args.config, args.set)  # a bad key fails here, before TensorFlow loads
+    if args.workers:  # a local multi-worker job: N processes of this same command, each with its TF_CONFIG
+        from breast_cancer.cascade import prepare, quick_config
+        from breast_cancer.distribute import launch_workers, worker_command
+        prepare(quick_config(config) if args.quick else config)  # one process fills the cache; the workers read it
+        return launch_workers(worker_command(args.argv), args.workers)
+    from breast_cancer.cascade import run_from_config
+    run_dir = run_from_config(config, run_dir=args.run_dir, quick=args.quick, verbose=1 if args.verbose else 2)
+    print(run_dir); print(_train_logs(Path(run_dir)))
+
+# %% ../nbs/08_cli.ipynb #edff091d
+def _train_logs(run_dir) -> str:
+    "Where a run's TensorBoard logs are, and the command that shows them."
+    logs = run_dir/'tensorboard'
+    return f'TensorBoard logs: {logs}\n  view them: tensorboard --logdir {logs}' if logs.exists() else 'no TensorBoard logs (tracking: none)'
+
+# %% ../nbs/08_cli.ipynb #bacc366d
+def _add_train(sub):
+    sp = _subcommand(sub, 'train', _train, 'train the two-stage cascade (or the single stage) from a YAML config')
+    sp.add_argument('--config', required=True, help=_CONFIG_HELP)
+    sp.add_argument('--run-dir', default=None, help='run folder (default: runs/<config name>); a killed run resumes here')
+    sp.add_argument('--quick', action='store_true', help='tiny settings, to check the pipeline end to end')
+    sp.add_argument('--set', **_OVERRIDE)
+    sp.add_argument('--workers', type=int, default=None, help='start N local worker processes (multi-worker, TF_CONFIG generated)')
+
+# %% ../nbs/08_cli.ipynb #25896d0e
+def _evaluate(args):
+    from breast_cancer.evaluate import evaluate_run, write_model_card
+    from breast_cancer.rundir import RunDir
+    which = RunDir(args.run).predictions_file(args.predictions).name   # 'test' or 'oof' (or the file's name): its file
+    m = evaluate_run(args.run, predictions=which, n_boot=args.n_boot, seed=args.seed)
+    print(m.summary().to_string())
+    print(f'model card: {write_model_card(args.run, which, n_boot=min(args.n_boot, 1000), seed=args.seed)}')
+
+# %% ../nbs/08_cli.ipynb #207e712b
+def _add_evaluate(sub):
+    sp = _subcommand(sub, 'evaluate', _evaluate, 'metrics with patient-bootstrap confidence intervals for a trained run')
+    sp.add_argument('--run', required=True, help='run folder written by `breast-cancer train`')
+    sp.add_argument('--predictions', default='test', help="'test' (the held-out patients) or 'oof' (out-of-fold)")
+    sp.add_argument('--n-boot', type=int, default=2000, help='bootstrap replicates')
+    sp.add_argument('--seed', type=int, default=0, help='bootstrap seed')
 
 # %% ../nbs/08_cli.ipynb #432ecd93
 def _configs_with_overrides(configs: list|None, # --config values (None: the template defaults)
@@ -63,37 +173,7 @@ def _configs_with_overrides(configs: list|None, # --config values (None: the tem
         out.append(str(atomic_write_text(folder/f"{Path(cfg).stem if cfg else 'default'}.yaml", resolved.to_yaml())))
     return out
 
-# %% ../nbs/08_cli.ipynb #6523649b
-def _download(args):
-    from breast_cancer.data import download
-    out = download(args.name, args.dest, url=args.url, keep_archive=args.keep_archive)
-    if out is not None: print(out)
-
-def _prepare(args):
-    from breast_cancer.cascade import prepare
-    m = prepare(args.config, verify=args.verify)
-    print(f"{'verified and ' if args.verify else ''}cached {len(m)} images ({m['cache_path'].map(lambda p: str(p).rsplit('/', 2)[0]).nunique()} cache folder(s))")
-
-def _train(args):
-    from breast_cancer.config import apply_overrides
-    config = apply_overrides(args.config, args.set)  # a bad key fails here, before TensorFlow loads
-    if args.workers:  # a local multi-worker job: N processes of this same command, each with its TF_CONFIG
-        from breast_cancer.cascade import prepare, quick_config
-        from breast_cancer.train import launch_workers, worker_command
-        prepare(quick_config(config) if args.quick else config)  # one process fills the cache; the workers read it
-        return launch_workers(worker_command(args.argv), args.workers)
-    from breast_cancer.cascade import run_from_config
-    run_dir = run_from_config(config, run_dir=args.run_dir, quick=args.quick, verbose=1 if args.verbose else 2)
-    print(run_dir); print(_train_logs(Path(run_dir)))
-
-# %% ../nbs/08_cli.ipynb #c52f6f28
-def _evaluate(args):
-    from breast_cancer.evaluate import evaluate_run
-    from breast_cancer.evaluate import write_model_card
-    m = evaluate_run(args.run, predictions=args.predictions, n_boot=args.n_boot, seed=args.seed)
-    print(m.summary().to_string())
-    print(f'model card: {write_model_card(args.run, args.predictions, n_boot=min(args.n_boot, 1000), seed=args.seed)}')
-
+# %% ../nbs/08_cli.ipynb #071e975c
 def _report(args):
     from breast_cancer.report import run_reports
     res = run_reports(args.datasets, configs=_configs_with_overrides(args.config, args.set, args.out_dir), data_root=args.data_root, out_dir=args.out_dir, jobs=args.jobs,
@@ -102,6 +182,20 @@ def _report(args):
     print(res[cols].to_string(index=False))
     return 1 if (res['status'] != 'ok').any() else 0
 
+# %% ../nbs/08_cli.ipynb #c7d12e9f
+def _add_report(sub):
+    sp = _subcommand(sub, 'report', _report, 'run the papermill evaluation reports per dataset and write the index')
+    sp.add_argument('--datasets', required=True, help='comma-separated: mias,cbis_ddsm,ddsm,cmmd,breakhis,idc')
+    sp.add_argument('--config', action='append', default=None, help='a preset name or a YAML file (repeat for several)')
+    sp.add_argument('--data-root', default=None, help="a data folder, or 'name=folder,name=folder'")
+    sp.add_argument('--out-dir', default=None, help='reports folder (default: reports/)')
+    sp.add_argument('--jobs', type=int, default=1, help='datasets run in parallel')
+    sp.add_argument('--quick', action='store_true', help='tiny settings, to check the reports end to end')
+    sp.add_argument('--template', default='evaluate_dataset', help="'evaluate_dataset', 'comparative_study' or a notebook path")
+    sp.add_argument('--run-name', default=None, help='report file name (default: the config name)')
+    sp.add_argument('--set', **_OVERRIDE)
+
+# %% ../nbs/08_cli.ipynb #8669946a
 def _predict(args):
     import json
     from breast_cancer.cascade import predict_table
@@ -116,152 +210,73 @@ def _predict(args):
         with atomic_path(args.out) as tmp: table.to_csv(tmp, index=False)
         print(f'wrote {len(table)} rows to {args.out}', file=sys.stderr)
 
-def _audit(args):
-    import pandas as pd
-    from pathlib import Path
-    from breast_cancer import train, evaluate as ev
-    from breast_cancer.core import ConfigError, runs_dir
-    if args.manifest: manifest, name = pd.read_csv(args.manifest, dtype={'patient_id': str, 'image_id': str}), Path(args.manifest).stem
-    elif args.config:
-        c = train.load_config(args.config); name = c.name
-        manifest = train.ensure_split(train.load_manifest(c), c)
-    else: raise ConfigError('audit: pass --config CFG (the split it makes) or --manifest CSV (a manifest with a split column)')
-    audit = ev.audit_split(manifest, threshold=args.threshold)
-    out = ev.audit_html(audit, args.out or runs_dir()/name/'audit.html')
-    print(audit.summary()); print(f'audit page: {out}')
-    return 0 if audit.ok else 1
-
-def _train_logs(run_dir) -> str:
-    "Where a run's TensorBoard logs are, and the command that shows them."
-    logs = run_dir/'tensorboard'
-    return f'TensorBoard logs: {logs}\n  view them: tensorboard --logdir {logs}' if logs.exists() else 'no TensorBoard logs (tracking: none)'
-
-# %% ../nbs/08_cli.ipynb #5c16f7c6
-def _bench(args):
-    if args.what == 'wavelet':
-        from breast_cancer.wavelet import bench_wavelet
-        bench_wavelet(n_images=args.n or 8, size=args.size or 1024, workers=args.workers)
-    elif args.what == 'pipeline':
-        from breast_cancer.train import bench_pipeline
-        bench_pipeline(args.config or 'demo', image_size=args.size or 128)
-    elif args.what == 'idc':
-        from breast_cancer.histo import bench_load_idc
-        bench_load_idc(n_files=args.n or 277_524)
-    elif args.what == 'cache':  # generated full-size DICOM/PNG films and an IDC-like tree of --n patches
-        from breast_cancer.wavelet import bench_cache_scale
-        shape = tuple(int(v) for v in args.film_shape.lower().split('x'))
-        bench_cache_scale(films=args.films, size=args.size or 512, n_patches=args.n or 20_000, workers=args.workers or 2,
-                          baseline=args.baseline, film_shape=shape)
-    elif args.what == 'learn':
-        from breast_cancer.train import learnability
-        lesion = {'amplitude': args.amplitude} if args.amplitude is not None else {}
-        curve = learnability(args.config or 'demo', steps=args.steps, eval_every=args.every, image_size=args.size,
-                             time_limit_s=args.time_limit, **lesion)
-        for name, g in curve.groupby('model', sort=False):
-            hit = g[g['test_auc'] >= 0.95]
-            print(f"{name}: final test AUC {g['test_auc'].iloc[-1]:.3f} after {g['step'].iloc[-1]} steps, {g['seconds'].iloc[-1]:.0f} s; "
-                  + (f"AUC >= 0.95 first at step {hit['step'].iloc[0]} ({hit['seconds'].iloc[0]:.0f} s)" if len(hit) else 'never reached 0.95'))
-    elif args.what == 'distribute':
-        from breast_cancer.train import bench_distribute
-        bench_distribute(args.config or 'demo', image_size=args.size or 64)
-    elif args.what == 'bootstrap':
-        from breast_cancer.evaluate import benchmark_bootstrap
-        benchmark_bootstrap(n_images=args.n or 3000)
-
-# %% ../nbs/08_cli.ipynb #3fd13266
-def _configs(args):
-    from breast_cancer.config import config_path, presets
-    if args.action == 'show':
-        if not args.name: raise BreastCancerError(f"configs show: name a preset, one of {', '.join(presets())}")
-        if args.set:  # the resolved config: the preset with the overrides applied and checked by the schema
-            from breast_cancer.config import apply_overrides
-            print(apply_overrides(args.name, args.set).to_yaml(), end='')
-        else: print(config_path(args.name).read_text(encoding='utf-8'), end='')  # the file as shipped, comments included
-        return
-    for name, path in presets().items():
-        first = next((l.lstrip('# ').strip() for l in path.read_text(encoding='utf-8').splitlines() if l.startswith('#')), '')
-        print(f'{name:<24} {first}')
-    print("\nUse one by name (--config demo), or copy it: breast-cancer configs show demo > my.yaml")
-
-# %% ../nbs/08_cli.ipynb #49757e1a
-def build_parser() -> argparse.ArgumentParser:
-    "The `breast-cancer` argument parser, one sub-parser per stage."
-    p = argparse.ArgumentParser(prog='breast-cancer', description='Breast-cancer image classification: data, wavelets, ResNet-50, cascade, reports.')
-    p.add_argument('--version', action='version', version=f'breast-cancer {__version__}')
-    p.add_argument('-v', '--verbose', action='count', default=0, help='-v: info messages and progress; -vv: debug and TensorFlow logs')
-    loud = argparse.ArgumentParser(add_help=False)  # -v/-vv after the subcommand too
-    loud.add_argument('-v', '--verbose', action='count', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    sub = p.add_subparsers(dest='command', metavar='COMMAND')
-    def add(name, func, help):
-        sp = sub.add_parser(name, help=help, description=help, epilog=_epilog(name), parents=[loud],
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
-        sp.set_defaults(func=func); return sp
-    override = dict(action='append', default=[], metavar='KEY=VALUE', help='override a config key, e.g. train.epochs=5 (repeatable)')
-    sp = add('configs', _configs, 'list the packaged run-config presets, or print one (configs show NAME) to copy and edit')
-    sp.add_argument('action', nargs='?', choices=['list', 'show'], default='list', help='list (default) or show')
-    sp.add_argument('name', nargs='?', default=None, help='the preset to show, e.g. demo')
-    sp.add_argument('--set', **override)
-    sp = add('download', _download, 'fetch mini-MIAS (verified), or print how to get a registered dataset')
-    sp.add_argument('name', help='mias, cbis_ddsm, ddsm, cmmd, breakhis or idc')
-    sp.add_argument('dest', nargs='?', default=None, help='target folder (default: under the data folder)')
-    sp.add_argument('--url', default=None, help='another URL, or a local copy of all-mias.tar.gz')
-    sp.add_argument('--keep-archive', action='store_true', help='keep the downloaded archive')
-    sp = add('prepare', _prepare, 'decode, preprocess and cache the images a config needs')
-    sp.add_argument('--config', required=True, help='a preset name (see `breast-cancer configs`) or a YAML file')
-    sp.add_argument('--verify', action='store_true', help='read every cached file in full and rebuild damaged ones')
-    sp = add('train', _train, 'train the two-stage cascade (or the single stage) from a YAML config')
-    sp.add_argument('--config', required=True, help='a preset name (see `breast-cancer configs`) or a YAML file')
-    sp.add_argument('--run-dir', default=None, help='run folder (default: runs/<config name>); a killed run resumes here')
-    sp.add_argument('--quick', action='store_true', help='tiny settings, to check the pipeline end to end')
-    sp.add_argument('--set', **override)
-    sp.add_argument('--workers', type=int, default=None, help='start N local worker processes (multi-worker, TF_CONFIG generated)')
-    sp = add('evaluate', _evaluate, 'metrics with patient-bootstrap confidence intervals for a trained run')
-    sp.add_argument('--run', required=True, help='run folder written by `breast-cancer train`')
-    sp.add_argument('--predictions', default='predictions.csv', help="'predictions.csv' (held-out test patients) or 'oof_predictions.csv'")
-    sp.add_argument('--n-boot', type=int, default=2000, help='bootstrap replicates')
-    sp.add_argument('--seed', type=int, default=0, help='bootstrap seed')
-    sp = add('report', _report, 'run the papermill evaluation reports per dataset and write the index')
-    sp.add_argument('--datasets', required=True, help='comma-separated: mias,cbis_ddsm,ddsm,cmmd,breakhis,idc')
-    sp.add_argument('--config', action='append', default=None, help='a preset name or a YAML file (repeat for several)')
-    sp.add_argument('--data-root', default=None, help="a data folder, or 'name=folder,name=folder'")
-    sp.add_argument('--out-dir', default=None, help='reports folder (default: reports/)')
-    sp.add_argument('--jobs', type=int, default=1, help='datasets run in parallel')
-    sp.add_argument('--quick', action='store_true', help='tiny settings, to check the reports end to end')
-    sp.add_argument('--template', default='evaluate_dataset', help="'evaluate_dataset', 'comparative_study' or a notebook path")
-    sp.add_argument('--run-name', default=None, help='report file name (default: the config name)')
-    sp.add_argument('--set', **override)
-    sp = add('predict', _predict, 'predict normal/benign/malignant for image files; prints one JSON object per image')
+# %% ../nbs/08_cli.ipynb #dc3bdaa6
+def _add_predict(sub):
+    sp = _subcommand(sub, 'predict', _predict, 'predict normal/benign/malignant for image files; prints one JSON object per image')
     sp.add_argument('--model', required=True, help='run folder or saved cascade folder')
     sp.add_argument('images', nargs='+', help='PGM, PNG, JPEG or DICOM files')
     sp.add_argument('--out', default=None, help='also write a CSV: one row per image with both probabilities, the thresholds and the label')
     sp.add_argument('--views', default=None, help='CSV with path, patient_id, laterality (view) per image: adds breast-level scores')
     sp.add_argument('--aggregation', default='mean', choices=['mean', 'max'], help="a breast's score from its views")
-    sp = add('audit', _audit, 'leakage audit of a split: shared patients, identical files, near-duplicate images; exit 1 on a leak')
+
+# %% ../nbs/08_cli.ipynb #bd918c4a
+def _audit(args):
+    import pandas as pd
+    from breast_cancer.audit import audit_html, audit_split
+    from breast_cancer.core import ConfigError, runs_dir
+    if args.manifest: manifest, name = pd.read_csv(args.manifest, dtype={'patient_id': str, 'image_id': str}), Path(args.manifest).stem
+    elif args.config:
+        from breast_cancer.config import load_config
+        from breast_cancer.train import ensure_split, load_manifest
+        c = load_config(args.config); name = c.name
+        manifest = ensure_split(load_manifest(c), c)
+    else: raise ConfigError('audit: pass --config CFG (the split it makes) or --manifest CSV (a manifest with a split column)')
+    audit = audit_split(manifest, threshold=args.threshold)
+    out = audit_html(audit, args.out or runs_dir()/name/'audit.html')
+    print(audit.summary()); print(f'audit page: {out}')
+    return 0 if audit.ok else 1
+
+# %% ../nbs/08_cli.ipynb #27676615
+def _add_audit(sub):
+    sp = _subcommand(sub, 'audit', _audit, 'leakage audit of a split: shared patients, identical files, near-duplicate images; exit 1 on a leak')
     sp.add_argument('--config', default=None, help='YAML run config: audits the patient split it makes')
     sp.add_argument('--manifest', default=None, help='or a manifest CSV with split, patient_id, image_id, image_path')
     sp.add_argument('--out', default=None, help='HTML page with thumbnails (default: runs/<name>/audit.html)')
     sp.add_argument('--threshold', type=int, default=40, help='near duplicate: perceptual-hash distance <= this many bits of 256')
-    sp = add('bench', _bench, 'benchmarks that print numbers: wavelet, pipeline, idc, cache, bootstrap, learn (can this setup learn?), distribute')
-    sp.add_argument('what', choices=['wavelet', 'pipeline', 'idc', 'cache', 'bootstrap', 'learn', 'distribute'])
-    sp.add_argument('--n', type=int, default=None, help='images / files (benchmark-specific default)')
-    sp.add_argument('--size', type=int, default=None, help='image size in pixels (benchmark-specific default)')
-    sp.add_argument('--workers', type=int, default=None, help='processes (default: all cores)')
-    sp.add_argument('--config', default=None, help='config for the pipeline and learn benchmarks')
-    sp.add_argument('--films', type=int, default=128, help='cache: links to the generated film per cache fill')
-    sp.add_argument('--film-shape', default='4800x3000', help='cache: rows x columns of the generated 16-bit film')
-    sp.add_argument('--baseline', default=None, help='cache: an older breast_cancer/data.py to compare against in the same run')
-    sp.add_argument('--steps', type=int, default=200, help='learn: training steps per model')
-    sp.add_argument('--every', type=int, default=20, help='learn: steps between test-AUC measurements')
-    sp.add_argument('--amplitude', type=float, default=None, help='learn: brightness of the synthetic lesions (default 0.8)')
-    sp.add_argument('--time-limit', type=float, default=None, help='learn: seconds of training per model at most')
+
+# %% ../nbs/08_cli.ipynb #8ee371b9
+_BENCHMARKS = ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'pipeline', 'distribute']
+
+def _bench(args):
+    from breast_cancer.bench import run_bench
+    return run_bench(args)
+
+# %% ../nbs/08_cli.ipynb #70e7c0ac
+def _add_bench(sub, benchmarks: bool = True):
+    sp = _subcommand(sub, 'bench', _bench, f"benchmarks that print numbers, each with its own flags (bench NAME --help): {', '.join(_BENCHMARKS)}")
+    if benchmarks:
+        from breast_cancer.bench import add_bench_parsers
+        add_bench_parsers(sp.add_subparsers(dest='name', metavar='NAME', required=True))
+
+# %% ../nbs/08_cli.ipynb #f96034c6
+def build_parser(benchmarks: bool = True, # add the benchmarks' own parsers (imports `bench`); `main` does when the command line names `bench`
+                ) -> argparse.ArgumentParser:
+    "The `breast-cancer` argument parser, one sub-parser per stage."
+    p = argparse.ArgumentParser(prog='breast-cancer', description='Breast-cancer image classification: data, wavelets, ResNet-50, cascade, reports.')
+    p.add_argument('--version', action='version', version=f'breast-cancer {__version__}')
+    p.add_argument('-v', '--verbose', action='count', default=0, help='-v: info messages and progress; -vv: debug and TensorFlow logs')
+    sub = p.add_subparsers(dest='command', metavar='COMMAND')
+    for add in (_add_configs, _add_download, _add_prepare, _add_train, _add_evaluate, _add_report, _add_predict, _add_audit): add(sub)
+    _add_bench(sub, benchmarks)
     return p
 
-# %% ../nbs/08_cli.ipynb #50def965
+# %% ../nbs/08_cli.ipynb #ab326c07
 def main(argv: list[str]|None = None) -> int:
     "Entry point of the `breast-cancer` command."
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(benchmarks='bench' in argv)   # the benchmarks' parsers import `bench`: only when asked for
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # for commands that start copies of themselves
+    args.argv = argv  # for commands that start copies of themselves
     if getattr(args, 'func', None) is None:
         parser.print_help(); return 0
     _set_verbosity(args.verbose)

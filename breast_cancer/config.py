@@ -11,21 +11,23 @@ from fastcore.basics import patch
 from .core import ConfigError, check_name, config_hash, package_dir, project_root
 
 # %% auto #0
-__all__ = ['SCHEMA', 'ConfigKeyError', 'Config', 'choices', 'presets', 'config_path', 'register_check', 'load_config',
-           'apply_overrides']
+__all__ = ['SCHEMA', 'ConfigKeyError', 'Config', 'choices', 'check_choice', 'presets', 'config_path', 'register_check',
+           'load_config', 'need_config', 'apply_overrides']
 
-# %% ../nbs/00a_config.ipynb #aa0d6467
+# %% ../nbs/00a_config.ipynb #44a1a3fb
 class _Field:
     "One config leaf: its default, a checker that returns the cleaned value, what is allowed (for messages), and its choices."
     def __init__(self, default, check, allowed, choices=None):
         self.default, self.check, self.allowed, self.choices = default, check, allowed, choices
 
+# %% ../nbs/00a_config.ipynb #d66efc4f
 def _choice(default, *choices):
     def check(v):
         if v not in choices: raise ValueError
         return v
     return _Field(default, check, 'one of ' + ', '.join(map(repr, choices)), choices)
 
+# %% ../nbs/00a_config.ipynb #fd83c35a
 def _num(default, lo=None, hi=None, integer=False, optional=False):
     def check(v):
         if v is None and optional: return None
@@ -38,6 +40,7 @@ def _num(default, lo=None, hi=None, integer=False, optional=False):
     rng = f' in [{lo}, {hi}]' if lo is not None and hi is not None else f' >= {lo}' if lo is not None else ''
     return _Field(default, check, kind + rng + (' or null' if optional else ''))
 
+# %% ../nbs/00a_config.ipynb #96b1d829
 def _bool(default):
     def check(v):
         if not isinstance(v, bool): raise ValueError
@@ -51,7 +54,7 @@ def _str(default, optional=False):
         return v
     return _Field(default, check, 'a non-empty string' + (' or null' if optional else ''))
 
-# %% ../nbs/00a_config.ipynb #94b7a174
+# %% ../nbs/00a_config.ipynb #beb1211a
 def _weights(v):
     if v is None or v == 'imagenet': return v
     if isinstance(v, str) and v: return v
@@ -62,6 +65,7 @@ def _freeze(v):
     if isinstance(v, int) and not isinstance(v, bool) and v >= 0: return v
     raise ValueError
 
+# %% ../nbs/00a_config.ipynb #183ae9c5
 def _flip(v):
     if v is True: return 'horizontal'
     if v is False or v is None: return 'none'
@@ -76,6 +80,7 @@ def _image_size(v):
     if isinstance(v, int) and not isinstance(v, bool) and v >= 8: return v
     raise ValueError
 
+# %% ../nbs/00a_config.ipynb #3909dd9d
 def _wavelet_name(v):
     import pywt  # only when a wavelet section is given: the config loads without PyWavelets' import time otherwise
     if isinstance(v, str) and v in pywt.wavelist(kind='discrete'): return v
@@ -104,13 +109,14 @@ def _section(schema: dict, key: str, allowed: str):
     f.schema = schema
     return f
 
-# %% ../nbs/00a_config.ipynb #2ea4d17b
+# %% ../nbs/00a_config.ipynb #8e77367a
 _DATASET = {'name': _str('mias'), 'root': _str(None, optional=True),
             'options': _Field({}, _mapping, 'a mapping of keyword arguments for data.load_dataset')}
 
 _FINE_TUNE = {'head_epochs': _num(1, lo=1, integer=True), 'unfreeze_blocks': _num(1, lo=0, integer=True),
               'lr': _num(None, lo=0.0, optional=True)}
 
+# %% ../nbs/00a_config.ipynb #fcc7c90c
 _WAVELET = {  # the fields of wavelet.WaveletPreprocessor
     'wavelet': _Field('db4', _wavelet_name, "a discrete PyWavelets wavelet such as 'db4', 'sym8' or 'haar'"),
     'level': _num(4, lo=1, hi=12, integer=True),
@@ -121,6 +127,7 @@ _WAVELET = {  # the fields of wavelet.WaveletPreprocessor
     'at': _choice('model', 'source', 'model'),
 }
 
+# %% ../nbs/00a_config.ipynb #9068e589
 _STAIN = {  # the settings of wavelet.StainNormalizer
     'method': _choice('macenko', 'macenko', 'reinhard'),
     'target': _str(None, optional=True),
@@ -216,16 +223,22 @@ def _short(v, n: int = 80) -> str:
     r = repr(v)
     return r if len(r) <= n else r[:n - 15] + f'... ({len(r)} characters)'
 
-# %% ../nbs/00a_config.ipynb #66ea7067
+# %% ../nbs/00a_config.ipynb #f5325607
 class ConfigKeyError(ConfigError, AttributeError, KeyError):
     "An unknown config key: a `ConfigError` that is also what attribute and item access raise."
     def __str__(self): return str(self.args[0])
 
-def _unknown(key, where, allowed):
-    close = difflib.get_close_matches(key.split('.')[-1], allowed, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ''
-    return ConfigKeyError(f"unknown config key '{key}'{hint}: allowed keys in {where} are {', '.join(allowed)}")
+# %% ../nbs/00a_config.ipynb #8d99cba7
+def _did_you_mean(word, allowed) -> str:
+    "' (did you mean 'x'?)' for the closest of `allowed` to `word`, or '' when none is close: the hint of every config message."
+    by_lower = {str(a).lower(): str(a) for a in allowed}   # 'bayes' finds 'BayesShrink'
+    close = difflib.get_close_matches(str(word).lower(), list(by_lower), n=1)
+    return f" (did you mean '{by_lower[close[0]]}'?)" if close else ''
 
+def _unknown(key, where, allowed):
+    return ConfigKeyError(f"unknown config key '{key}'{_did_you_mean(key.split('.')[-1], allowed)}: allowed keys in {where} are {', '.join(allowed)}")
+
+# %% ../nbs/00a_config.ipynb #746c8b08
 def _resolve(user, schema, prefix=''):
     if user is None: user = {}
     if not isinstance(user, dict):
@@ -241,7 +254,8 @@ def _resolve(user, schema, prefix=''):
         try: out[k] = spec.check(v)
         except ConfigError: raise
         except (ValueError, TypeError):
-            raise ConfigError(f"bad value for config key '{key}': {_short(v)}; allowed: {spec.allowed}") from None
+            hint = _did_you_mean(v, spec.choices) if spec.choices and isinstance(v, str) else ''
+            raise ConfigError(f"bad value for config key '{key}': {_short(v)}; allowed: {spec.allowed}{hint}") from None
     return out
 
 # %% ../nbs/00a_config.ipynb #ae449ed2
@@ -281,7 +295,7 @@ def _view(v, where: str):
     if isinstance(v, list) and v and all(isinstance(x, dict) for x in v): return [Config(x, f'{where[:-1]}[{i}].') for i, x in enumerate(v)]
     return v
 
-# %% ../nbs/00a_config.ipynb #18dcf34a
+# %% ../nbs/00a_config.ipynb #2bff20c6
 @patch
 def get(self: Config, dotted: str, default=None):
     "A plain copy of the value at a dotted key such as `'train.clr.mode'` (`default` when absent)."
@@ -291,29 +305,19 @@ def get(self: Config, dotted: str, default=None):
         v = v[part]
     return copy.deepcopy(v)
 
+# %% ../nbs/00a_config.ipynb #12eb1089
 @patch
 def to_dict(self: Config) -> dict:
     "The config as plain, mutable dicts and lists."
     return copy.deepcopy(dict(self))
 
+# %% ../nbs/00a_config.ipynb #0e726902
 @patch
 def to_yaml(self: Config) -> str: return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
 
+# %% ../nbs/00a_config.ipynb #1ded9b80
 @patch
 def hash(self: Config) -> str: return config_hash(dict(self))
-
-# %% ../nbs/00a_config.ipynb #f6757452
-@patch
-def replace(self: Config, **dotted) -> Config:
-    "A validated copy with some dotted keys changed, e.g. `replace(**{'train.epochs': 1})`."
-    d = self.to_dict()
-    for key, v in dotted.items():
-        node, parts = d, key.split('.')
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict): node[p] = {}
-            node = node[p]
-        node[parts[-1]] = v
-    return load_config(d)
 
 # %% ../nbs/00a_config.ipynb #6398e93d
 def choices(key: str, # a dotted schema key, e.g. 'model.head' or 'wavelet.method'
@@ -326,6 +330,19 @@ def choices(key: str, # a dotted schema key, e.g. 'model.head' or 'wavelet.metho
         node = node[part]
     if getattr(node, 'choices', None) is None: raise ConfigError(f"config key '{key}' is not a choice")
     return node.choices
+
+# %% ../nbs/00a_config.ipynb #ad96ccc1
+def check_choice(value, # the value to check
+                 key: str|tuple, # the dotted schema key whose `choices` it must be one of; or the allowed values themselves
+                 name: str|None = None, # the argument's name in the message; None = the last part of `key`
+                ):
+    "`value` when it is allowed; otherwise a `ConfigError` naming the argument, the allowed values, the config key and the close match."
+    allowed = choices(key) if isinstance(key, str) else tuple(key)
+    if value in allowed: return value
+    name = name or (key.split('.')[-1] if isinstance(key, str) else 'value')
+    where = f" (config key '{key}')" if isinstance(key, str) else ''
+    hint = _did_you_mean(value, [a for a in allowed if isinstance(a, str)]) if isinstance(value, str) else ''
+    raise ConfigError(f"{name}={_short(value)} is unknown: use one of {', '.join(map(repr, allowed))}{where}{hint}")
 
 # %% ../nbs/00a_config.ipynb #8c02011a
 def presets() -> dict[str, Path]:
@@ -345,13 +362,13 @@ def config_path(src, # a YAML file path, or a preset name such as 'demo' (see `p
     raise ConfigError(f"config file {src} not found: pass a YAML file path or the name of a packaged preset "
                       f"({', '.join(named)}); `breast-cancer configs` lists them")
 
-# %% ../nbs/00a_config.ipynb #903f5e17
-_SECTION_CHECKS = {}  # config section -> callable(value) -> normalized value, registered by a later module (optional)
+# %% ../nbs/00a_config.ipynb #08986752
+_SECTION_CHECKS = {}  # config section -> callable(value) -> normalized value, registered by a plugin (optional)
 
 def register_check(section: str, # a top-level config key, e.g. 'wavelet'
                    check, # callable(value) -> the value normalized; raises on a bad value
                   ):
-    "Let a later module add a check of its own to a config section; the schema's checks always run first."
+    "Add a check of your own to a config section (a plugin's); the schema's checks always run first."
     _SECTION_CHECKS[section] = check
 
 def _check_section(section, value):
@@ -360,7 +377,17 @@ def _check_section(section, value):
     try: return check(value)
     except Exception as e: raise ConfigError(f"bad value for config key {section!r}: {e}") from None
 
-# %% ../nbs/00a_config.ipynb #a26fa58f
+# %% ../nbs/00a_config.ipynb #9c7c116c
+_STAIN_PARAMS = {'macenko': {'HERef': (3, 2), 'maxCRef': (2,)}, 'reinhard': {'means': (3,), 'stds': (3,)}}
+
+def _shape(v) -> tuple|None:
+    "The shape of a nested list of finite numbers, or None when it is ragged or holds something else."
+    if isinstance(v, (int, float)) and not isinstance(v, bool): return () if math.isfinite(v) else None
+    if not isinstance(v, (list, tuple)) or not v: return None
+    inner = {_shape(x) for x in v}
+    return (len(v), *inner.pop()) if len(inner) == 1 and None not in inner else None
+
+# %% ../nbs/00a_config.ipynb #ceadd4cc
 def _check_across(d: dict, where: str = ''):
     "The checks that involve two keys at once."
     a, clr, w, s = d['train']['augment'], d['train']['clr'], d['wavelet'], d['stain']
@@ -374,8 +401,14 @@ def _check_across(d: dict, where: str = ''):
         raise ConfigError(f"bad value for config key 'wavelet.enhance': {len(w['enhance'])} gains for level {w['level']}; give one per level, finest first{where}")
     if s is not None and s['method'] == 'reinhard' and s['target'] is None and s['params'] is None:
         raise ConfigError(f"bad value for config key 'stain': Reinhard normalization needs a target image (stain.target) or fitted stain.params{where}")
+    if s is not None and s['params'] is not None:
+        want = _STAIN_PARAMS[s['method']]
+        got = {k: _shape(s['params'].get(k)) for k in want}
+        if set(s['params']) != set(want) or got != want:
+            raise ConfigError(f"bad value for config key 'stain.params': {s['method']} needs {', '.join(f'{k} {v}' for k, v in want.items())} "
+                              f"(finite numbers), got {_short(s['params'])}; fit them with StainNormalizer(...).params{where}")
 
-# %% ../nbs/00a_config.ipynb #01ae7b19
+# %% ../nbs/00a_config.ipynb #f1b1deca
 _ORDER = ['name', 'task', 'seed', 'datasets', 'data', 'stain', 'wavelet', 'model', 'train', 'distribute', 'thresholds', 'evaluate', 'tracking']
 
 def load_config(src, # a YAML file path, a preset name ('demo'), a dict, or a Config
@@ -398,6 +431,28 @@ def load_config(src, # a YAML file path, a preset name ('demo'), a dict, or a Co
     _check_across(d, where)
     for section in ('wavelet', 'stain'): _check_section(section, d[section])
     return Config({k: d[k] for k in _ORDER})
+
+# %% ../nbs/00a_config.ipynb #f6757452
+@patch
+def replace(self: Config, **dotted) -> Config:
+    "A validated copy with some dotted keys changed, e.g. `replace(**{'train.epochs': 1})`."
+    d = self.to_dict()
+    for key, v in dotted.items():
+        node, parts = d, key.split('.')
+        for p in parts[:-1]:
+            if not isinstance(node.get(p), dict): node[p] = {}
+            node = node[p]
+        node[parts[-1]] = v
+    return load_config(d)
+
+# %% ../nbs/00a_config.ipynb #59e9645f
+def need_config(config, # what a library function was handed
+                where: str, # the function's name, for the message
+               ) -> Config:
+    "`config` itself when it is a `Config`; otherwise a `ConfigError` saying to resolve it once with `load_config`."
+    if isinstance(config, Config): return config
+    raise ConfigError(f'{where} takes a Config, got {type(config).__name__}: resolve it once at the call site, '
+                      f'e.g. {where}(load_config({"path or preset" if isinstance(config, (str, Path)) else "your_dict"}), ...)')
 
 # %% ../nbs/00a_config.ipynb #7867d9cc
 def _parse_override(item: str) -> tuple[str, object]:

@@ -18,18 +18,23 @@ __all__ = ['BreastCancerError', 'DataError', 'ConfigError', 'WeightsUnavailableE
 class BreastCancerError(Exception):
     "Base class of every error this package raises on purpose."
 
+# %% ../nbs/00_core.ipynb #2eeb9455
 class DataError(BreastCancerError, ValueError):
     "A missing, corrupt or malformed input file or manifest."
 
+# %% ../nbs/00_core.ipynb #b0fd8749
 class ConfigError(BreastCancerError, ValueError):
     "An unknown key or a bad value in a run configuration or a function argument."
 
+# %% ../nbs/00_core.ipynb #800941d8
 class WeightsUnavailableError(BreastCancerError, RuntimeError):
     "Pretrained weights could not be found or downloaded."
 
+# %% ../nbs/00_core.ipynb #9c4b6459
 class TrainingError(BreastCancerError, RuntimeError):
     "Training went wrong in a way a rerun will not fix by itself, such as a non-finite loss."
 
+# %% ../nbs/00_core.ipynb #c1925038
 class LockedError(BreastCancerError, RuntimeError):
     "Another process is writing into the same run or reports folder."
 
@@ -40,6 +45,7 @@ def project_root() -> Path|None:
     else: places = [Path.cwd(), *Path.cwd().parents]  # a notebook in nbs/ of a clone
     return next((p for p in places if (p/'settings.ini').is_file() and (p/'breast_cancer').is_dir()), None)
 
+# %% ../nbs/00_core.ipynb #ea2e154a
 def _home() -> Path:
     "The clone's root, or the current working directory for an installed package."
     root = project_root()
@@ -53,23 +59,28 @@ def data_dir() -> Path:
     "Folder holding datasets (`$BREAST_CANCER_DATA`)."
     return _env_path('BREAST_CANCER_DATA', _home()/'data')
 
+# %% ../nbs/00_core.ipynb #9f401617
 def cache_dir() -> Path:
     "Folder of the image cache (`$BREAST_CANCER_CACHE`)."
     return _env_path('BREAST_CANCER_CACHE', data_dir()/'cache')
 
+# %% ../nbs/00_core.ipynb #2cb96f8c
 def runs_dir() -> Path:
     "Folder that holds one sub-folder per training run (`$BREAST_CANCER_RUNS`)."
     return _env_path('BREAST_CANCER_RUNS', _home()/'runs')
 
+# %% ../nbs/00_core.ipynb #c10d7b21
 def reports_dir() -> Path:
     "Folder the report batch writes into (`$BREAST_CANCER_REPORTS`)."
     return _env_path('BREAST_CANCER_REPORTS', _home()/'reports')
 
+# %% ../nbs/00_core.ipynb #f70e5d8a
 def package_dir() -> Path:
     "The installed package's folder, which holds its presets (`configs/`), samples, templates and checksums."
     import breast_cancer
     return Path(breast_cancer.__file__).resolve().parent
 
+# %% ../nbs/00_core.ipynb #f7f090b2
 def sample_dir(name='mini-mias-256') -> Path:
     "A bundled sample dataset, `'mini-mias-256'` or `'breakhis-sample'`: `data_dir()/name`, else the package's copy."
     places = [data_dir()/name, package_dir()/'samples'/name]
@@ -154,6 +165,7 @@ def atomic_path(target, # the file or folder to (re)place
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
         raise
 
+# %% ../nbs/00_core.ipynb #2446db7a
 def atomic_write_text(path, text: str) -> Path:
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp: Path(tmp).write_text(text, encoding='utf-8')
@@ -171,6 +183,7 @@ def check_name(name, # a run, config or report name that will become a folder or
                           "(no '/' or '\\', not '.' or '..'); to write elsewhere, pass the folder itself (--run-dir, --out-dir)")
     return name
 
+# %% ../nbs/00_core.ipynb #181a3d5f
 def path_inside(root, # the folder the path must stay in
                 *parts, # path parts below `root`
                ) -> Path:
@@ -265,6 +278,7 @@ def file_sha256(path, chunk: int = 1 << 20) -> str:
         for b in iter(lambda: f.read(chunk), b''): h.update(b)
     return h.hexdigest()
 
+# %% ../nbs/00_core.ipynb #3301e261
 def config_hash(obj, n: int = 16) -> str:
     "Short stable hash of a JSON-serialisable object (key order does not matter)."
     s = json.dumps(obj, sort_keys=True, default=str, separators=(',', ':'))

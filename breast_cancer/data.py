@@ -14,7 +14,7 @@ from .core import (DataError, ConfigError, data_dir, sample_dir, package_dir, pr
 from .io import (NONFINITE, read_image, read_resized, resize_longer, write_pgm, write_dicom, read_checksums,
                               safe_extract, verify_checksums, _image_size)
 from .cache import (PEAK_BYTES_PER_PIXEL, image_cache_key, transform_and_resize, cache_file_problem, cache_images,
-                                 load_cached, _tqdm, _cache_one, _cache_many, _cache_worker_init, _pool_context)
+                                 load_cached, _tqdm, cache_one, _cache_many, cache_worker_init, pool_context)
 
 # %% auto #0
 __all__ = ['LABELS', 'MANIFEST_SCHEMA', 'MANIFEST_COLUMNS', 'OPTIONAL_COLUMNS', 'SPLITS', 'PREDICTION_COLUMNS', 'MIAS_DENSITY',
@@ -36,9 +36,10 @@ _all_ = ['NONFINITE', 'read_image', 'read_resized', 'resize_longer', 'write_pgm'
          'PEAK_BYTES_PER_PIXEL', 'image_cache_key', 'transform_and_resize', 'cache_file_problem', 'cache_images', 'load_cached']  # cache
 __getattr__ = moved_names('breast_cancer.data', {'bench_cache': 'bench'})   # benchmarks live in `bench`
 
-# %% ../nbs/01_data.ipynb #d0257509
+# %% ../nbs/01_data.ipynb #bf6ec22a
 LABELS = ('normal', 'benign', 'malignant')  # the three image-level classes, in order of severity
 
+# %% ../nbs/01_data.ipynb #d0257509
 MANIFEST_SCHEMA = {  # column: (kind, dtype, meaning) -- the one place the manifest schema is written down
     'dataset':          ('required', 'str', "source dataset: 'mias', 'cbis_ddsm', 'ddsm', 'cmmd', 'breakhis', 'idc', 'csv', 'folder'"),
     'image_id':         ('required', 'str', 'identifier of the image, unique within its dataset'),
@@ -77,6 +78,7 @@ def _rows_text(df: pd.DataFrame, mask, col: str, n: int = 5) -> str:
     more = f' and {len(bad) - n} more' if len(bad) > n else ''
     return f"{len(bad)} row(s): {', '.join(vals)}{more}"
 
+# %% ../nbs/01_data.ipynb #8e334c99
 def validate_manifest(df: pd.DataFrame, # the manifest to check
                      ) -> pd.DataFrame:
     "Check `df` against `MANIFEST_SCHEMA`; return it unchanged or raise `DataError` naming the column, rows and values."
@@ -134,6 +136,7 @@ MIAS_CLASSES = {'CALC': 'calcification', 'CIRC': 'circumscribed mass', 'SPIC': '
                 'MISC': 'ill-defined mass', 'ARCH': 'architectural distortion', 'ASYM': 'asymmetry', 'NORM': 'normal'}
 MIAS_SIZE = 1024  # the side of the original films, in pixels, that Info.txt coordinates refer to
 
+# %% ../nbs/01_data.ipynb #56f04048
 def _mias_duplicate(path, n, line, r, seen) -> bool:
     "True for an exact repeat of an earlier line (dropped with a warning); `DataError` naming both lines when they contradict."
     key = tuple(line.split())
@@ -147,6 +150,7 @@ def _mias_duplicate(path, n, line, r, seen) -> bool:
                             f"{' '.join(prev_key)!r} vs {line.strip()!r}; keep the right one")
     earlier.append((n, key, r)); return False
 
+# %% ../nbs/01_data.ipynb #f1b51522
 def parse_mias_info(path, # MIAS `Info.txt`, with or without its header line
                    ) -> pd.DataFrame:
     "Parse MIAS `Info.txt` into one row per line: refnum, bg, cls, severity, x, y, radius, note."
@@ -183,11 +187,22 @@ def _mias_image_file(root: Path, refnum: str) -> Path|None:
         if (root/f'{refnum}{ext}').is_file(): return root/f'{refnum}{ext}'
     return None
 
+# %% ../nbs/01_data.ipynb #ff5bd405
 def _find_info(root: Path) -> Path:
     for name in ('Info.txt', 'info.txt', 'INFO.TXT', 'Info.TXT'):
         if (root/name).is_file(): return root/name
     raise DataError(f'no Info.txt in {root}: a mini-MIAS folder holds mdbNNN.pgm (or .png) files and the annotation '
                     'file Info.txt; get them with `breast-cancer download mias`')
+
+# %% ../nbs/01_data.ipynb #03bbe455
+def _mias_lesion(l, sx: float, sy: float) -> dict:
+    "One lesion of an Info.txt line (a row of `parse_mias_info`): class, severity, centre and radius in this image's pixels."
+    return dict(type=l.cls, severity=l.severity,
+                row=None if pd.isna(l.y) else (MIAS_SIZE - l.y) * sy,
+                col=None if pd.isna(l.x) else l.x * sx,
+                radius=None if pd.isna(l.radius) else l.radius * sx,
+                x=None if pd.isna(l.x) else int(l.x), y=None if pd.isna(l.y) else int(l.y),
+                **({'note': l.note} if isinstance(l.note, str) else {}))
 
 # %% ../nbs/01_data.ipynb #83a5d7c6
 def load_mias(root=None, # folder with `mdbNNN.pgm` or `mdbNNN.png` and `Info.txt`; None = the bundled 256-px sample
@@ -207,13 +222,7 @@ def load_mias(root=None, # folder with `mdbNNN.pgm` or `mdbNNN.png` and `Info.tx
     for ref, lines in info.groupby('refnum', sort=True):
         path = files[ref]; w, h = _image_size(path)
         sx, sy = w / MIAS_SIZE, h / MIAS_SIZE
-        lesions = [dict(type=l.cls, severity=l.severity,
-                        row=None if pd.isna(l.y) else (MIAS_SIZE - l.y) * sy,
-                        col=None if pd.isna(l.x) else l.x * sx,
-                        radius=None if pd.isna(l.radius) else l.radius * sx,
-                        x=None if pd.isna(l.x) else int(l.x), y=None if pd.isna(l.y) else int(l.y),
-                        **({'note': l.note} if isinstance(l.note, str) else {}))
-                   for l in lines.itertuples() if l.cls != 'NORM']
+        lesions = [_mias_lesion(l, sx, sy) for l in lines.itertuples() if l.cls != 'NORM']
         sev = {l['severity'] for l in lesions}
         label = 'normal' if not lesions else 'malignant' if 'M' in sev else 'benign'
         n = int(ref[3:]); first = n if n % 2 else n - 1  # odd film + the next one: one woman
@@ -233,6 +242,7 @@ def _strata(df: pd.DataFrame, stratify) -> np.ndarray:
     if missing: raise ConfigError(f'stratify={stratify!r}: manifest has no column(s) {missing}; columns are {list(df.columns)}')
     return df[cols].astype(str).agg('|'.join, axis=1).to_numpy()
 
+# %% ../nbs/01_data.ipynb #a1a52905
 def _group_chunks(y, groups, n: int, seed: int) -> np.ndarray:
     "Chunk number (0..n-1) of every row: the test folds of a shuffled `StratifiedGroupKFold`."
     import warnings
@@ -253,6 +263,7 @@ def _group_chunks(y, groups, n: int, seed: int) -> np.ndarray:
         for k, (_, te) in enumerate(sgkf.split(np.zeros(len(y)), y, groups)): out[te] = k
     return out
 
+# %% ../nbs/01_data.ipynb #9ffa678d
 def _n_chunks(fracs: list[float], n_groups: int) -> int:
     "The smallest number of chunks (2..20) that expresses every fraction in whole chunks as closely as possible."
     best = None
@@ -261,6 +272,7 @@ def _n_chunks(fracs: list[float], n_groups: int) -> int:
         if best is None or err < best[0]: best = (err, n)
     return best[1]
 
+# %% ../nbs/01_data.ipynb #628b6149
 def _split_patients(df: pd.DataFrame, test_size: float, val_size: float, seed: int, stratify, group: str) -> np.ndarray:
     "train/val/test per row of `df`, whole patients at a time."
     groups = df[group].astype(str).to_numpy(); n_groups = len(set(groups))
@@ -293,6 +305,7 @@ def check_patient_leakage(df: pd.DataFrame, # a manifest with a `split` or `fold
         raise DataError(f'{len(leaks)} patient(s) appear in more than one {by}: {ex}; split by patient with patient_split/patient_kfold')
     return df
 
+# %% ../nbs/01_data.ipynb #23696d6e
 def _official_split(df: pd.DataFrame, keep_official: bool) -> bool:
     "True when `df` carries an official split that should be kept."
     if not keep_official or 'split' not in df or df['split'].isna().all(): return False
@@ -384,6 +397,7 @@ def load_split(df: pd.DataFrame, # the manifest to apply the split to
 # %% ../nbs/01_data.ipynb #f106a6f0
 LABEL_COLORS = {'normal': '#4c72b0', 'benign': '#55a868', 'malignant': '#c44e52'}
 
+# %% ../nbs/01_data.ipynb #04204b3f
 def plot_class_balance(manifest: pd.DataFrame, # one or several datasets' manifests (concatenated)
                        by: str|None = None, # a second grouping, e.g. 'split'; default: 'split' when present
                        ax=None, # matplotlib Axes to draw on
@@ -406,6 +420,7 @@ def plot_class_balance(manifest: pd.DataFrame, # one or several datasets' manife
 def _thumb(ax, arr: np.ndarray, title: str):
     ax.imshow(arr, cmap='gray' if arr.ndim == 2 else None, vmin=0, vmax=1); ax.set_title(title, fontsize=8); ax.axis('off')
 
+# %% ../nbs/01_data.ipynb #8b85722a
 def show_examples(manifest: pd.DataFrame, # a manifest
                   n: int = 4, # images per class
                   seed: int = 0, # which images are drawn
@@ -423,6 +438,17 @@ def show_examples(manifest: pd.DataFrame, # a manifest
     fig.tight_layout()
     return fig
 
+# %% ../nbs/01_data.ipynb #ad122ea2
+def _draw_lesion(ax, l: dict, malignant_image: bool):
+    "One lesion on `ax`: its circle (MIAS) or box (DDSM, CBIS-DDSM), red when malignant, green otherwise."
+    from matplotlib.patches import Circle, Rectangle
+    color = '#ff4040' if l.get('severity') == 'M' or malignant_image and l.get('severity') is None else '#40ff40'
+    if l.get('row') is not None:
+        ax.add_patch(Circle((l['col'], l['row']), l.get('radius') or 3, fill=False, lw=1.5, color=color))
+        ax.annotate(l.get('type', ''), (l['col'], l['row']), color=color, fontsize=7, ha='center', va='center')
+    elif l.get('bbox'):
+        r0, c0, r1, c1 = l['bbox']; ax.add_patch(Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, lw=1.5, color=color))
+
 # %% ../nbs/01_data.ipynb #4e32536e
 def show_lesions(manifest: pd.DataFrame, # a manifest with a `lesions` column (e.g. `load_mias`)
                  image_ids: list[str]|None = None, # which images; default: the first `n` with located lesions
@@ -431,19 +457,12 @@ def show_lesions(manifest: pd.DataFrame, # a manifest with a `lesions` column (e
                 ):
     "Draw every lesion's circle (or bbox) on its image, coloured by severity; returns the Figure."
     import matplotlib.pyplot as plt
-    from matplotlib.patches import Circle, Rectangle
     located = manifest[manifest.lesions.map(lambda ls: isinstance(ls, list) and any(l.get('row') is not None or l.get('bbox') for l in ls))]
     rows = manifest.set_index('image_id').loc[list(image_ids)].reset_index() if image_ids is not None else located.head(n)
     fig, axes = plt.subplots(1, len(rows), figsize=(figsize_per * len(rows), figsize_per + 0.4), squeeze=False)
     for ax, r in zip(axes[0], rows.itertuples()):
         _thumb(ax, read_image(r.image_path), f'{r.image_id} ({r.label})')
-        for l in r.lesions:
-            color = '#ff4040' if l.get('severity') == 'M' or r.label == 'malignant' and l.get('severity') is None else '#40ff40'
-            if l.get('row') is not None:
-                ax.add_patch(Circle((l['col'], l['row']), l.get('radius') or 3, fill=False, lw=1.5, color=color))
-                ax.annotate(l.get('type', ''), (l['col'], l['row']), color=color, fontsize=7, ha='center', va='center')
-            elif l.get('bbox'):
-                r0, c0, r1, c1 = l['bbox']; ax.add_patch(Rectangle((c0, r0), c1 - c0, r1 - r0, fill=False, lw=1.5, color=color))
+        for l in r.lesions: _draw_lesion(ax, l, r.label == 'malignant')
     fig.tight_layout()
     return fig
 
@@ -453,19 +472,29 @@ LABEL_ALIASES = {'normal': 'normal', 'norm': 'normal', 'n': 'normal', 'healthy':
                  'malignant': 'malignant', 'm': 'malignant', 'cancer': 'malignant', 'malignancy': 'malignant'}
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.pgm', '.tif', '.tiff', '.bmp', '.dcm', '.dicom')
 
+# %% ../nbs/01_data.ipynb #9f5a52a6
 def _map_labels(values: pd.Series, label_map: dict|None, where: str) -> pd.Series:
     "Map raw labels to LABELS (through `label_map`, then the usual spellings); `DataError` listing unknown values."
     lm = {str(k).strip().lower(): v for k, v in {**LABEL_ALIASES, **(label_map or {})}.items()}
     out = values.map(lambda v: lm.get(str(v).strip().lower()))
-    bad = sorted({str(v) for v, o in zip(values, out) if o is None})
+    bad = sorted({str(v) for v, o in zip(values, out) if pd.isna(o)})  # pandas 3 stores a missing mapping as NaN
     if bad: raise DataError(f'{where}: unknown label value(s) {bad[:10]}; pass label_map={{value: one of {LABELS}}}')
     return out
 
+# %% ../nbs/01_data.ipynb #f89b7a04
 def _missing_summary(paths: Iterable[str], where: str):
     "One DataError for all missing files: how many and the first few."
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing: raise DataError(f"{where}: {len(missing)} image file(s) not found, e.g. {', '.join(missing[:3])}; check the root folder")
 
+# %% ../nbs/01_data.ipynb #b899f582
+def _parse_lesions(values: pd.Series, where: str) -> pd.Series:
+    "The `lesions` column of a manifest saved with `to_csv`: its lists of dicts came back as their repr."
+    import ast
+    try: return values.map(lambda v: ast.literal_eval(v) if isinstance(v, str) else v if isinstance(v, list) else [])
+    except (ValueError, SyntaxError) as e: raise DataError(f"{where}: column 'lesions' is not a list of dicts ({e})") from e
+
+# %% ../nbs/01_data.ipynb #1c385a0a
 def load_csv(path, # a CSV with one row per image
              image_col: str = 'image_path', # column with the image path (absolute, or relative to `root`)
              label_col: str = 'label', # column with the label: normal/benign/malignant or a value in `label_map`
@@ -490,16 +519,14 @@ def load_csv(path, # a CSV with one row per image
         _log.warning(f'{path}: no patient column, so every image counts as its own patient; splits cannot group a patient\'s images')
         df['patient_id'] = df['image_id']
     elif patient_col != 'patient_id': df['patient_id'] = df[patient_col]
-    if 'lesions' in df:  # a manifest saved with to_csv: lists of dicts came back as their repr
-        import ast
-        try: df['lesions'] = df['lesions'].map(lambda v: ast.literal_eval(v) if isinstance(v, str) else v if isinstance(v, list) else [])
-        except (ValueError, SyntaxError) as e: raise DataError(f"{path}: column 'lesions' is not a list of dicts ({e})") from e
+    if 'lesions' in df: df['lesions'] = _parse_lesions(df['lesions'], str(path))
     _missing_summary(df['image_path'], str(path))
     return make_manifest(df.drop(columns=['_image', '_label']), dataset)
 
 # %% ../nbs/01_data.ipynb #f528ce2f
 _SPLIT_DIRS = {'train': 'train', 'training': 'train', 'val': 'val', 'valid': 'val', 'validation': 'val', 'test': 'test', 'testing': 'test'}
 
+# %% ../nbs/01_data.ipynb #caf2e3a2
 def load_folder(root, # folder with normal/ benign/ malignant/ sub-folders (optionally inside train/ val/ test/)
                 patient_id: str|None = None, # regex on the file name; its first group (or whole match) is the patient
                 dataset: str = 'folder', # name written into the `dataset` column
@@ -543,6 +570,7 @@ DATASETS = {  # the one dataset registry: loader ('module:function', imported la
 SAMPLES = {k: d['sample'] for k, d in DATASETS.items() if d['sample']}  # bundled samples used when root is None
 DATA_DIRS = {'mias': 'mini-mias'}  # folder names under data_dir() that differ from the dataset name
 
+# %% ../nbs/01_data.ipynb #3800ca74
 def dataset_dir(name: str) -> Path:
     "Where dataset `name` lives by default: `data_dir()/'mini-mias'` for MIAS, `data_dir()/name` for the others."
     key = str(name).strip().lower().replace('-', '_')
@@ -578,6 +606,7 @@ def load_dataset(name: str, # 'mias', 'cbis_ddsm', 'ddsm', 'cmmd', 'breakhis', '
 # %% ../nbs/01_data.ipynb #4b675539
 MIAS_URL = 'http://peipa.essex.ac.uk/pix/mias/all-mias.tar.gz'
 
+# %% ../nbs/01_data.ipynb #efcca1da
 def checksums_file(name: str = 'mias') -> Path:
     "The SHA-256 list of dataset `name`: `data_dir()/checksums`, the clone's `data/checksums` or the package's copy."
     places = [data_dir()/'checksums', *([project_root()/'data'/'checksums'] if project_root() else []), package_dir()/'checksums']
@@ -600,6 +629,17 @@ def _fetch(url: str, target: Path, progress: bool = True, timeout: float = 60) -
                         f'to {target} and run again with url={str(target)!r}') from e
     return target
 
+# %% ../nbs/01_data.ipynb #53d20dd7
+def _install_mias(work: Path, dest: Path, files) -> None:
+    "Move the verified images (and Info.txt, README, Licence.txt) from `work` into `dest`; take missing annotations from the bundled sample."
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in work.rglob('*'):  # the images, and Info.txt/README/Licence.txt when the archive has them
+        if f.is_file() and (f.name in files or f.name.lower() in ('info.txt', 'readme', 'licence.txt')): os.replace(f, dest/f.name)
+    try: bundled = sample_dir(SAMPLES['mias'])
+    except DataError: bundled = None
+    for extra in ('Info.txt', 'Licence.txt', 'README'):  # the annotations are the same in the bundled sample
+        if not (dest/extra).exists() and bundled is not None and (bundled/extra).is_file(): shutil.copy(bundled/extra, dest/extra)
+
 # %% ../nbs/01_data.ipynb #54566d0b
 def _download_mias(dest: Path, url: str, progress: bool, keep_archive: bool) -> Path:
     "Fetch, verify and unpack mini-MIAS into `dest`."
@@ -617,13 +657,7 @@ def _download_mias(dest: Path, url: str, progress: bool, keep_archive: bool) -> 
         except DataError as e:  # name what the user has, not the temporary folder removed below
             raise DataError(f'{url}: the archive does not match the mini-MIAS checksums ({checksums_file("mias")}): '
                             f'{str(e)[len(str(work)) + 2:]}; nothing was written to {dest}') from None
-        dest.mkdir(parents=True, exist_ok=True)
-        for f in work.rglob('*'):  # the images, and Info.txt/README/Licence.txt when the archive has them
-            if f.is_file() and (f.name in files or f.name.lower() in ('info.txt', 'readme', 'licence.txt')): os.replace(f, dest/f.name)
-        try: bundled = sample_dir(SAMPLES['mias'])
-        except DataError: bundled = None
-        for extra in ('Info.txt', 'Licence.txt', 'README'):  # the annotations are the same in the bundled sample
-            if not (dest/extra).exists() and bundled is not None and (bundled/extra).is_file(): shutil.copy(bundled/extra, dest/extra)
+        _install_mias(work, dest, files)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if not keep_archive: archive.unlink(missing_ok=True)
@@ -668,6 +702,7 @@ INSTRUCTIONS = {
   3. load_dataset('idc')  or  load_idc('{dest}')""",
 }
 
+# %% ../nbs/01_data.ipynb #6a913c1d
 def download(name: str, # 'mias' (fetched), or 'cbis_ddsm', 'cmmd', 'ddsm', 'breakhis', 'idc' (instructions printed)
              dest=None, # target folder; default `dataset_dir(name)` (data/mini-mias for MIAS)
              url: str|None = None, # MIAS only: another URL or a local copy of all-mias.tar.gz

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import keras
 from .core import ConfigError, get_logger
-from .config import load_config
+from .config import Config, need_config
 
 # %% auto #0
 __all__ = ['strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu', 'global_batch_size', 'lr_factor',
@@ -30,10 +30,11 @@ def _cluster_size() -> int:
     cluster = _tf_config().get('cluster', {})
     return len(cluster.get('chief', [])) + len(cluster.get('worker', []))
 
-def strategy_kind(config) -> str:
+def strategy_kind(config: Config, # a resolved Config (load_config)
+                 ) -> str:
     "What `distribute.strategy` means here: 'none', 'mirrored' or 'multi_worker' ('auto' looks at TF_CONFIG, then the GPUs)."
     import tensorflow as tf
-    kind, workers = load_config(config).distribute.strategy, _cluster_size()
+    kind, workers = need_config(config, 'strategy_kind').distribute.strategy, _cluster_size()
     if workers > 1 and kind not in ('auto', 'multi_worker'):
         raise ConfigError(f"TF_CONFIG names {workers} workers but distribute.strategy is {kind!r}, so each would train alone: "
                           "set distribute.strategy to 'auto' or 'multi_worker'")
@@ -42,10 +43,11 @@ def strategy_kind(config) -> str:
     return 'mirrored' if len(tf.config.list_physical_devices('GPU')) > 1 else 'none'
 
 # %% ../nbs/04a_distribute.ipynb #7a48f441
-def distribute_strategy(config):
+def distribute_strategy(config: Config, # a resolved Config (load_config)
+                       ):
     "The process-wide `tf.distribute` strategy of a config, created on first use and shared by every stage."
     import tensorflow as tf
-    kind = strategy_kind(config)
+    kind = strategy_kind(need_config(config, 'distribute_strategy'))
     if kind not in _STRATEGIES:
         if kind == 'multi_worker':
             if _cluster_size() < 1:
@@ -59,9 +61,10 @@ def distribute_strategy(config):
     return _STRATEGIES[kind]
 
 # %% ../nbs/04a_distribute.ipynb #f72c4e2e
-def distribute_scope(config):
+def distribute_scope(config: Config, # a resolved Config (load_config)
+                     ):
     "The scope to build models (and their optimizers and metrics) in, for the config's strategy."
-    return distribute_strategy(config).scope()
+    return distribute_strategy(need_config(config, 'distribute_scope')).scope()
 
 # %% ../nbs/04a_distribute.ipynb #b2b2a4a2
 def split_cpu(n: int = 2) -> list[str]:
@@ -74,21 +77,24 @@ def split_cpu(n: int = 2) -> list[str]:
     return [d.name for d in tf.config.list_logical_devices('CPU')]
 
 # %% ../nbs/04a_distribute.ipynb #a23ae19e
-def global_batch_size(config) -> int:
+def global_batch_size(config: Config, # a resolved Config (load_config)
+                     ) -> int:
     "Images per optimizer step over all replicas: `train.batch_size` is per replica."
-    c = load_config(config)
+    c = need_config(config, 'global_batch_size')
     return c.train.batch_size * distribute_strategy(c).num_replicas_in_sync
 
 # %% ../nbs/04a_distribute.ipynb #448a0db1
-def lr_factor(config) -> float:
+def lr_factor(config: Config, # a resolved Config (load_config)
+             ) -> float:
     "The factor on the cyclical LR bounds: the number of replicas for `distribute.lr_scaling: linear`, else 1."
-    c = load_config(config)
+    c = need_config(config, 'lr_factor')
     return float(distribute_strategy(c).num_replicas_in_sync) if c.distribute.lr_scaling == 'linear' else 1.0
 
 # %% ../nbs/04a_distribute.ipynb #d948de77
-def distribute_info(config) -> dict:
+def distribute_info(config: Config, # a resolved Config (load_config)
+                   ) -> dict:
     "The `distribute` block of a run's metadata: strategy, workers, replicas, per-replica and global batch, LR factor."
-    c = load_config(config); s = distribute_strategy(c); kind = strategy_kind(c)
+    c = need_config(config, 'distribute_info'); s = distribute_strategy(c); kind = strategy_kind(c)
     return {'strategy': c.distribute.strategy, 'resolved': kind, 'tf_strategy': type(s).__name__,
             'workers': _cluster_size() if kind == 'multi_worker' else 1, 'replicas': int(s.num_replicas_in_sync),
             'batch_size_per_replica': c.train.batch_size, 'global_batch_size': global_batch_size(c),
@@ -97,16 +103,20 @@ def distribute_info(config) -> dict:
 # %% ../nbs/04a_distribute.ipynb #3bdde10c
 _WORKER_TMP = []
 
-def is_chief(config) -> bool:
+def is_chief(config: Config, # a resolved Config (load_config)
+            ) -> bool:
     "True in the process that writes the run files: the chief of a multi-worker job, or the only process."
-    return strategy_kind(config) != 'multi_worker' or bool(distribute_strategy(config).extended.should_checkpoint)
+    c = need_config(config, 'is_chief')
+    return strategy_kind(c) != 'multi_worker' or bool(distribute_strategy(c).extended.should_checkpoint)
 
 # %% ../nbs/04a_distribute.ipynb #5117f8e2
-def worker_run_dir(run_dir, config) -> Path:
+def worker_run_dir(run_dir, # the run folder the job writes
+                   config: Config, # a resolved Config (load_config)
+                  ) -> Path:
     "Where this process writes a run: `run_dir` on the chief, a private temporary folder (removed at exit) elsewhere."
     import atexit, shutil, tempfile
     run_dir = Path(run_dir)
-    if is_chief(config) or any(run_dir.is_relative_to(t) for t in _WORKER_TMP): return run_dir
+    if is_chief(need_config(config, 'worker_run_dir')) or any(run_dir.is_relative_to(t) for t in _WORKER_TMP): return run_dir
     if not _WORKER_TMP:
         _WORKER_TMP.append(Path(tempfile.mkdtemp(prefix='breast-cancer-worker-')))
         atexit.register(shutil.rmtree, _WORKER_TMP[0], ignore_errors=True)
@@ -124,18 +134,22 @@ def _from_chief(strategy, values: list) -> list:
     for a in arrays: out.append(total[i:i + a.size].reshape(a.shape).astype(a.dtype)); i += a.size
     return out
 
-def from_chief(values: list, config) -> list:
+def from_chief(values: list, # numbers or arrays, the same shapes on every worker
+               config: Config, # a resolved Config (load_config)
+              ) -> list:
     "The chief's copy of some numbers or arrays on every worker (one all-reduce); the values themselves elsewhere."
-    return _from_chief(distribute_strategy(config), values)
+    return _from_chief(distribute_strategy(need_config(config, 'from_chief')), values)
 
 # %% ../nbs/04a_distribute.ipynb #fdbc7aaa
 def _state(model) -> list:
     opt = getattr(model, 'optimizer', None)
     return list(model.weights) + (list(opt.variables) if opt is not None and opt.built else [])
 
-def sync_from_chief(model, config):
+def sync_from_chief(model, # a Keras model, built on every worker
+                    config: Config, # a resolved Config (load_config)
+                   ):
     "Give every worker the chief's weights (after loading a file that only the chief holds)."
-    for v, x in zip(model.weights, from_chief([v.numpy() for v in model.weights], config)): v.assign(x)
+    for v, x in zip(model.weights, from_chief([v.numpy() for v in model.weights], need_config(config, 'sync_from_chief'))): v.assign(x)
     return model
 
 # %% ../nbs/04a_distribute.ipynb #8ae09862
@@ -244,9 +258,12 @@ def fit_distributed(model, # compiled in the strategy's scope (its optimizer and
     return next(cb for cb in cbs.callbacks if isinstance(cb, keras.callbacks.History))
 
 # %% ../nbs/04a_distribute.ipynb #4dc03321
-def fit_function(model, config, steps: int):
+def fit_function(model, # the stage's compiled model
+                 config: Config, # a resolved Config (load_config)
+                 steps: int, # global steps per epoch (what fit_distributed runs)
+                ):
     "`model.fit`, or `fit_distributed` with the stage's `steps` when the config trains on several workers."
-    if strategy_kind(config) != 'multi_worker': return model.fit
+    if strategy_kind(need_config(config, 'fit_function')) != 'multi_worker': return model.fit
     return lambda x, steps_per_epoch=None, **kw: fit_distributed(model, x, steps_per_epoch=steps, **kw)
 
 # %% ../nbs/04a_distribute.ipynb #bdf8d078

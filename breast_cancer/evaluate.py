@@ -4,16 +4,17 @@
 
 # %% ../nbs/06_evaluate.ipynb #8047374b
 from __future__ import annotations
-import dataclasses, math
+import dataclasses, json, math
 from pathlib import Path
 import numpy as np, pandas as pd
 from sklearn import metrics as skm
 from .core import DataError, ConfigError, get_logger, moved_names
+from .rundir import STAGES, RunDir, StageDir
 from .data import LABELS, PREDICTION_COLUMNS
 from .metrics import (
     BINARY_METRICS, MIN_PATIENTS, MIN_PER_CLASS, AGGREGATIONS, AUCComparison, Metrics, aggregate_breasts, binary_metrics,
     bootstrap_weights, choose_threshold, compare_auc, degenerate_interval, delong_covariance, markdown_table, metrics_table,
-    multiclass_metrics, sample_size_note, _as_binary, _check_scores, _group_codes, _percentile_ci, _RankCurves, _table, _div)
+    multiclass_metrics, sample_size_note, _as_binary, _check_scores, group_codes, _percentile_ci, _RankCurves, _table, _div)
 from .audit import (
     NEAR_DUPLICATE_BITS, HASH_SIZE, SplitAudit, audit_html, audit_split, hash_distances, perceptual_hashes)
 
@@ -31,25 +32,27 @@ __all__ = ['SUBGROUP_COLUMNS', 'validate_predictions', 'CascadeMetrics', 'cascad
 _log = get_logger('evaluate')
 
 # %% ../nbs/06_evaluate.ipynb #ce9b68ee
-def validate_predictions(predictions: pd.DataFrame, # a Predictions table (or the path of its CSV)
-                        ) -> pd.DataFrame:
-    "Check a Predictions table against the contract; returns it with float probabilities."
-    if isinstance(predictions, (str, Path)):
-        p = Path(predictions)
-        if not p.exists(): raise DataError(f"predictions file {p} not found: run training/cascade first")
-        predictions = pd.read_csv(p, dtype={'patient_id': str, 'image_id': str})
-    missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
-    if missing: raise DataError(f"predictions table lacks column(s) {missing}; it needs {list(PREDICTION_COLUMNS)}")
-    df = predictions.copy()
+def _check_values(df: pd.DataFrame) -> pd.DataFrame:
+    "`df` with float probabilities, when every true label is known and both lie in [0, 1]; else a `DataError` naming the rows."
     for c in ('p_abnormal', 'p_malignant'): df[c] = pd.to_numeric(df[c], errors='coerce').astype(float)
     bad = ~df['true_label'].isin(LABELS)
     if bad.any():
-        raise DataError(f"predictions rows {list(df.index[bad][:5])} have true_label "
-                        f"{sorted(set(df.loc[bad, 'true_label'].astype(str)))}; expected one of {LABELS}")
+        raise DataError(f"predictions rows {list(df.index[bad][:5])} have true_label {sorted(set(df.loc[bad, 'true_label'].astype(str)))}; expected one of {LABELS}")
     for c in ('p_abnormal', 'p_malignant'):
         out = (df[c] < 0) | (df[c] > 1)
         if out.any(): raise DataError(f"predictions column {c} has values outside [0, 1] in rows {list(df.index[out][:5])}")
     return df
+
+# %% ../nbs/06_evaluate.ipynb #29bb7b5e
+def validate_predictions(predictions: pd.DataFrame, # a Predictions table (or the path of its CSV)
+                        ) -> pd.DataFrame:
+    "Check a Predictions table against the contract; returns it with float probabilities."
+    if isinstance(predictions, (str, Path)):
+        if not Path(predictions).exists(): raise DataError(f"predictions file {predictions} not found: run training/cascade first")
+        predictions = pd.read_csv(predictions, dtype={'patient_id': str, 'image_id': str})
+    missing = [c for c in PREDICTION_COLUMNS if c not in predictions.columns]
+    if missing: raise DataError(f"predictions table lacks column(s) {missing}; it needs {list(PREDICTION_COLUMNS)}")
+    return _check_values(predictions.copy())
 
 # %% ../nbs/06_evaluate.ipynb #79614353
 def _binary_task(predictions: pd.DataFrame, score_col: str) -> tuple[pd.DataFrame, np.ndarray, str]:
@@ -101,8 +104,7 @@ def cascade_metrics(predictions: pd.DataFrame, # a Predictions table (or the pat
         df = df[df['split'].astype(str) == split]
         if df.empty: raise DataError(f"predictions have no rows with split == {split!r}")
     if df.empty: raise DataError("cascade_metrics: the predictions table has no rows")
-    kw = dict(n_boot=n_boot, seed=seed, ci=ci)
-    single = bool(df['p_abnormal'].isna().all())
+    kw, single = dict(n_boot=n_boot, seed=seed, ci=ci), bool(df['p_abnormal'].isna().all())
     out = CascadeMetrics(single_stage=single)
     if not single:
         s1, y1, _ = _binary_task(df, 'p_abnormal')
@@ -124,35 +126,43 @@ def cascade_metrics(predictions: pd.DataFrame, # a Predictions table (or the pat
     return out
 
 # %% ../nbs/06_evaluate.ipynb #097ffd0b
-def run_thresholds(run_dir) -> tuple[float, float]:
-    "The cascade's (stage 1, stage 2) thresholds saved in `run_dir/cascade/cascade.json`; (0.5, 0.5) when absent."
-    import json
-    p = Path(run_dir)/'cascade'/'cascade.json'
-    if not p.exists(): return 0.5, 0.5
-    try: meta = json.loads(p.read_text())
-    except ValueError as e: raise DataError(f"{p} is not valid JSON ({e}): re-save the cascade") from e
+def run_thresholds(run_dir, # a run folder (or the folder of a saved cascade's run)
+                  ) -> tuple[float, float]:
+    "The (stage 1, stage 2) thresholds of the run's saved cascade (`RunDir.cascade`); (0.5, 0.5) when it has none."
+    saved = RunDir(run_dir).cascade
+    if not saved.exists(): return 0.5, 0.5
+    meta = saved.read_meta()
     return float(meta.get('threshold1', 0.5)), float(meta.get('threshold2', 0.5))
 
+# %% ../nbs/06_evaluate.ipynb #ea17505a
+def _write_metrics(run: RunDir, which: str, res: CascadeMetrics, t1: float, t2: float):
+    "Write the metrics of one kind of predictions into the run folder: the long table (CSV) and its Markdown."
+    from breast_cancer.core import atomic_write_text
+    atomic_write_text(run.metrics_file(which), res.to_frame().to_csv(index=False))
+    atomic_write_text(run.metrics_file(which, '.md'), f"# Metrics of {run.path.name} ({run.predictions_file(which).name})\n\n"
+                      f"Thresholds: stage 1 {t1:.3f}, stage 2 {t2:.3f}.\n\n" + res._repr_markdown_() + '\n')
+
 # %% ../nbs/06_evaluate.ipynb #bd842f0a
-def evaluate_run(run_dir, # a run folder holding predictions.csv (and cascade/cascade.json)
-                 predictions: str = 'predictions.csv', # which predictions file: 'predictions.csv' (test) or 'oof_predictions.csv'
+def evaluate_run(run_dir, # a run folder holding predictions (and its saved cascade, for the thresholds)
+                 predictions: str = 'test', # 'test' (held-out patients) or 'oof' (out-of-fold); the file names work too
                  n_boot: int = 2000, # bootstrap replicates
                  seed: int = 0, # bootstrap seed
                  ci: float = 0.95, # confidence level
-                 write: bool = True, # write metrics.csv / metrics.md into the run folder
+                 write: bool = True, # write the metrics table and its Markdown into the run folder (`RunDir.metrics_file`)
                 ) -> CascadeMetrics:
-    "Evaluate a run's predictions with the cascade's own thresholds; write metrics.csv and metrics.md atomically."
-    from breast_cancer.core import atomic_write_text
-    run_dir = Path(run_dir); path = run_dir/predictions
+    "Evaluate a run's predictions with the cascade's own thresholds; write the metrics (CSV and Markdown) atomically."
+    run = RunDir(run_dir); path = run.predictions_file(predictions)
     if not path.exists(): raise DataError(f"{path} not found: train and predict first (breast-cancer train ...)")
-    t1, t2 = run_thresholds(run_dir)
-    res = cascade_metrics(path, t1, t2, n_boot=n_boot, seed=seed, ci=ci)
-    if write:
-        stem = Path(predictions).stem.replace('predictions', 'metrics')
-        atomic_write_text(run_dir/f'{stem}.csv', res.to_frame().to_csv(index=False))
-        atomic_write_text(run_dir/f'{stem}.md', f"# Metrics of {run_dir.name} ({predictions})\n\n"
-                          f"Thresholds: stage 1 {t1:.3f}, stage 2 {t2:.3f}.\n\n" + res._repr_markdown_() + '\n')
+    t1, t2 = run_thresholds(run.path)
+    res = cascade_metrics(run.read_predictions(predictions), t1, t2, n_boot=n_boot, seed=seed, ci=ci)
+    if write: _write_metrics(run, predictions, res, t1, t2)
     return res
+
+# %% ../nbs/06_evaluate.ipynb #b37a1032
+def _inside(c: np.ndarray, tissue: np.ndarray, step: int) -> np.ndarray:
+    "The coefficients of one sub-band under the tissue mask (subsampled by `step`); all of them when it does not fit."
+    m = tissue[::step, ::step][:c.shape[0], :c.shape[1]]
+    return c[m] if m.shape == c.shape and m.any() else c.ravel()
 
 # %% ../nbs/06_evaluate.ipynb #c6647c0e
 def wavelet_texture_features(image: np.ndarray, # float32 image in [0, 1], (H, W) or (H, W, C)
@@ -166,21 +176,17 @@ def wavelet_texture_features(image: np.ndarray, # float32 image in [0, 1], (H, W
     coeffs = pywt.wavedec2(x, wavelet, level=level, mode='periodization')
     tissue = x > 0.1 * max(float(x.max()), 1e-6)   # the breast, not the film's background
     if not tissue.any(): tissue[:] = True
-    def inside(c, step):
-        m = tissue[::step, ::step][:c.shape[0], :c.shape[1]]
-        return c[m] if m.shape == c.shape and m.any() else c.ravel()
-    a = inside(coeffs[0], 2 ** level)
+    a = _inside(coeffs[0], tissue, 2 ** level)
     feats = [a.mean(), a.std()]
     for k, bands in enumerate(coeffs[1:]):
         for c in bands:
-            v = inside(c, 2 ** (level - k)); feats += [np.log(np.mean(v * v) + 1e-12), np.abs(v).mean()]
+            v = _inside(c, tissue, 2 ** (level - k)); feats += [np.log(np.mean(v * v) + 1e-12), np.abs(v).mean()]
     return np.asarray(feats, np.float64)
 
 # %% ../nbs/06_evaluate.ipynb #172af693
 def _baseline_stage(X, y, split, groups, title, rule, n_boot, seed, ci):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+    "A logistic regression on `X` fit on the train rows, its threshold from the val rows, scored on the test rows (None: cannot)."
+    from sklearn.linear_model import LogisticRegression; from sklearn.pipeline import make_pipeline; from sklearn.preprocessing import StandardScaler
     tr, va, te = (split == 'train'), (split == 'val'), (split == 'test')
     if len(np.unique(y[tr])) < 2 or not te.any(): return None
     clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight='balanced', max_iter=5000)).fit(X[tr], y[tr])
@@ -188,6 +194,15 @@ def _baseline_stage(X, y, split, groups, title, rule, n_boot, seed, ci):
     t = choose_threshold(y[va], p[va], rule) if va.any() else 0.5
     return binary_metrics(y[te], p[te], t, groups[te], n_boot=n_boot, seed=seed, ci=ci, title=title)
 
+
+# %% ../nbs/06_evaluate.ipynb #90624e3b
+def _texture_matrix(manifest: pd.DataFrame, images, size: int|None, wavelet: str, level: int) -> np.ndarray:
+    "One row of `wavelet_texture_features` per manifest row (each image resized; read from `image_path` when `images` is None)."
+    from breast_cancer.data import read_image, resize_longer
+    if images is None: images = (read_image(p) for p in manifest['image_path'])
+    return np.stack([wavelet_texture_features(resize_longer(np.asarray(im, np.float32), size), wavelet, level) for im in images])
+
+# %% ../nbs/06_evaluate.ipynb #18a0ccfb
 def classical_baseline(manifest: pd.DataFrame, # rows with `split` (train/val/test), `patient_id`, `abnormal`, `malignant`
                        images=None, # one image per row (arrays); None = read `image_path` with `data.read_image`
                        size: int|None = None, # resize the longer side to this before the features; None = as read
@@ -199,10 +214,8 @@ def classical_baseline(manifest: pd.DataFrame, # rows with `split` (train/val/te
                        ci: float = 0.95, # confidence level
                       ) -> dict:
     "Wavelet-texture logistic regression for stage 1 and stage 2 on the same patient split; `{stage: Metrics}`."
-    from breast_cancer.data import read_image, resize_longer
     if 'split' not in manifest: raise DataError("classical_baseline: the manifest has no 'split' column: split it by patient first")
-    if images is None: images = (read_image(p) for p in manifest['image_path'])
-    X = np.stack([wavelet_texture_features(resize_longer(np.asarray(im, np.float32), size), wavelet, level) for im in images])
+    X = _texture_matrix(manifest, images, size, wavelet, level)
     split, groups = manifest['split'].astype(str).to_numpy(), manifest['patient_id'].astype(str).to_numpy()
     out, kw = {}, dict(rule=rule, n_boot=n_boot, seed=seed, ci=ci)
     if 'abnormal' in manifest and manifest['abnormal'].astype(bool).nunique() == 2:
@@ -384,44 +397,65 @@ _CHECKLIST = [
     ('TRIPOD+AI 27', 'clinical implications, intended use, limitations', 'model card', 'intended use and non-use sections; discussion is the author\'s'),
 ]
 
+
+# %% ../nbs/06_evaluate.ipynb #7f7d147c
 def reporting_checklist() -> pd.DataFrame:
     "TRIPOD+AI / CLAIM items: which the report or model card covers, and which the author must still write ('user')."
     return pd.DataFrame(_CHECKLIST, columns=['items', 'topic', 'covered by', 'where / what to write'])
 
 # %% ../nbs/06_evaluate.ipynb #fb9fe46f
-def _run_frame(run_dir: Path, predictions: str) -> tuple[pd.DataFrame, dict, dict]:
-    "A run's predictions with the manifest columns of split.csv merged in, its config (dict) and metadata."
-    import json, yaml
-    pred = validate_predictions(run_dir/predictions)
-    cfg = yaml.safe_load((run_dir/'config.yaml').read_text()) if (run_dir/'config.yaml').exists() else {}
-    meta = json.loads((run_dir/'metadata.json').read_text()) if (run_dir/'metadata.json').exists() else {}
-    if (run_dir/'split.csv').exists():
-        split = pd.read_csv(run_dir/'split.csv', dtype={'image_id': str, 'patient_id': str})
+def _run_frame(run: RunDir, predictions: str) -> tuple[pd.DataFrame, dict, dict]:
+    "A run's predictions with its split's manifest columns merged in, its config (validated; {} when absent) and metadata."
+    pred = validate_predictions(run.predictions_file(predictions))
+    cfg = run.read_config() if run.exists() else {}
+    split = run.read_split()
+    if split is not None:
         extra = [c for c in split if c not in pred and c not in ('label', 'split', 'fold')]
         if extra: pred = pred.merge(split[['image_id', *extra]].drop_duplicates('image_id'), on='image_id', how='left')
-    return pred, cfg or {}, meta
+    return pred, cfg, run.read_metadata()
+
+# %% ../nbs/06_evaluate.ipynb #707da76b
+def _card_details(cfg, meta: dict, t1: float, t2: float) -> list[str]:
+    "The model card's 'Model details' from the run's Config ({} if none) and metadata: network, provenance, thresholds."
+    m, d, tr = cfg.get('model') or {}, cfg.get('data') or {}, cfg.get('train') or {}
+    return ["## Model details\n", f"- Task: {cfg.get('task', '?')} (stage 1 normal vs abnormal, stage 2 benign vs malignant); "
+            f"backbone {m.get('backbone', '?')}, head {m.get('head', '?')}, initial weights {m.get('weights')}, input {d.get('image_size', '?')} px, "
+            f"wavelet preprocessing {'on' if cfg.get('wavelet') else 'off'}, {tr.get('epochs', '?')} epochs, cyclical learning rate.",
+            f"- Built {meta.get('created', '?')} by `breast_cancer` at git commit `{meta.get('git_commit')}`; config hash "
+            f"`{meta.get('config_hash')}`; thresholds chosen on validation patients: stage 1 {t1:.4f}, stage 2 {t2:.4f}.\n"]
+
+# %% ../nbs/06_evaluate.ipynb #45c43a12
+def _card_overall(res: CascadeMetrics) -> pd.DataFrame:
+    "One row per binary part of the cascade: the point metrics with CIs, cases, patients and the sample-size mark."
+    return pd.DataFrame({k: {**p.formatted().reindex(['accuracy', 'sensitivity', 'specificity', 'roc_auc']).to_dict(),
+                             'cases': p.n_images, 'patients': p.n_groups, 'sample size': p.sample_note or 'ok'}
+                         for k, p in res.parts().items() if k != 'three_class'}).T
+
+# %% ../nbs/06_evaluate.ipynb #198e20d8
+def _card_analyses(pred: pd.DataFrame, res: CascadeMetrics, t1: float, t2: float, aggregation: str, n_boot: int, seed: int) -> list[str]:
+    "The model card's 'Quantitative analyses': each part with CIs, then breast/patient level and subgroups where the data allow."
+    out = ["## Quantitative analyses\n", markdown_table(_card_overall(res), index=True)]
+    for col, t in (('p_abnormal', t1), ('p_malignant', t2)):
+        if 'laterality' in pred and pred[col].notna().any():
+            out += [f"\nBreast and patient level ({col}, views aggregated by {aggregation}):\n\n",
+                    markdown_table(breast_level(pred, col, t, aggregation, n_boot=n_boot, seed=seed).summary(), index=True)]
+    for col, t in (('p_abnormal', t1), ('p_malignant', t2)):
+        if pred[col].notna().any() and (sub := subgroup_metrics(pred, col, t, n_boot=min(n_boot, 500), seed=seed)).shape[0]:
+            out += [f"\nSubgroups ({'normal vs abnormal' if col == 'p_abnormal' else 'benign vs malignant'}):\n\n", markdown_table(sub)]
+    return out
 
 # %% ../nbs/06_evaluate.ipynb #1d479af6
-def model_card(run_dir, # a run folder holding predictions.csv, config.yaml, metadata.json (and split.csv)
-               predictions: str = 'predictions.csv', # the held-out predictions to describe
+def model_card(run_dir, # a run folder: its predictions, config, metadata (and split), read through `RunDir`
+               predictions: str = 'test', # the held-out predictions to describe: 'test' or 'oof'
                n_boot: int = 1000, # bootstrap replicates
                seed: int = 0, # bootstrap seed
               ) -> str:
     "The model card of a run (Mitchell et al. 2019) as Markdown: use, data, metrics with CIs, subgroups, checklist."
-    run_dir = Path(run_dir); pred, cfg, meta = _run_frame(run_dir, predictions)
-    t1, t2 = run_thresholds(run_dir); res = cascade_metrics(pred, t1, t2, n_boot=n_boot, seed=seed)
-    m, d, tr = cfg.get('model', {}), cfg.get('data', {}), cfg.get('train', {})
-    ds = ', '.join(x.get('name', '?') for x in cfg.get('datasets', [])) or str(pred['dataset'].iloc[0])
+    run = RunDir(run_dir); pred, cfg, meta = _run_frame(run, predictions)
+    t1, t2 = run_thresholds(run.path); res = cascade_metrics(pred, t1, t2, n_boot=n_boot, seed=seed)
     agg = (cfg.get('evaluate') or {}).get('breast_aggregation', 'mean')
-    overall = pd.DataFrame({k: {**p.formatted().reindex(['accuracy', 'sensitivity', 'specificity', 'roc_auc']).to_dict(),
-                                'cases': p.n_images, 'patients': p.n_groups, 'sample size': p.sample_note or 'ok'}
-                            for k, p in res.parts().items() if k != 'three_class'}).T
-    out = [f"# Model card: {cfg.get('name', run_dir.name)}\n",
-           "## Model details\n", f"- Task: {cfg.get('task', '?')} (stage 1 normal vs abnormal, stage 2 benign vs malignant); "
-           f"backbone {m.get('backbone', '?')}, head {m.get('head', '?')}, initial weights {m.get('weights')}, input {d.get('image_size', '?')} px, "
-           f"wavelet preprocessing {'on' if cfg.get('wavelet') else 'off'}, {tr.get('epochs', '?')} epochs, cyclical learning rate.",
-           f"- Built {meta.get('created', '?')} by `breast_cancer` at git commit `{meta.get('git_commit')}`; config hash "
-           f"`{meta.get('config_hash')}`; thresholds chosen on validation patients: stage 1 {t1:.4f}, stage 2 {t2:.4f}.\n",
+    data = ', '.join(sorted(pred['dataset'].astype(str).unique()))
+    out = [f"# Model card: {cfg.get('name', run.path.name)}\n", *_card_details(cfg, meta, t1, t2),
            "## Intended use\n", "- Research on breast-image classification methods: reproducing and comparing published pipelines "
            "with patient-level evaluation.\n- Not for clinical use: not a medical device, not validated on an external site, "
            "not for screening, diagnosis or triage of any person.\n",
@@ -430,40 +464,34 @@ def model_card(run_dir, # a run folder holding predictions.csv, config.yaml, met
            "## Metrics\n", "Accuracy, sensitivity, specificity at the validation-chosen thresholds and ROC AUC, each with a 95% "
            f"percentile bootstrap interval over patients ({n_boot} replicates, seed {seed}). Figures from fewer than {MIN_PATIENTS} "
            f"patients or {MIN_PER_CLASS} cases of a class are marked *too few to estimate*.\n",
-           "## Evaluation data\n", f"{ds}: {len(pred)} held-out images of {pred['patient_id'].nunique()} patients (`{predictions}`); "
+           "## Evaluation data\n", f"{data}: {len(pred)} held-out images of {pred['patient_id'].nunique()} patients (`{run.predictions_file(predictions).name}`); "
            "split by patient (every image of a patient in one of train, validation, test), stratified by label.\n",
            "## Training data\n", f"The training patients of the same split; {meta.get('n_images', '?')} images in the manifest, "
            f"label counts {meta.get('label_counts', {})}; manifest hash `{meta.get('manifest_hash')}`.\n",
-           "## Quantitative analyses\n", markdown_table(overall, index=True)]
-    if 'laterality' in pred:
-        for col, t in (('p_abnormal', t1), ('p_malignant', t2)):
-            if pred[col].notna().any():
-                out += [f"\nBreast and patient level ({col}, views aggregated by {agg}):\n\n", markdown_table(breast_level(pred, col, t, agg, n_boot=n_boot, seed=seed).summary(), index=True)]
-    for col, t in (('p_abnormal', t1), ('p_malignant', t2)):
-        if pred[col].notna().any() and (sub := subgroup_metrics(pred, col, t, n_boot=min(n_boot, 500), seed=seed)).shape[0]:
-            out += [f"\nSubgroups ({'normal vs abnormal' if col == 'p_abnormal' else 'benign vs malignant'}):\n\n", markdown_table(sub)]
-    out += ["\n## Ethical considerations\n", "Public datasets of a few hospitals and decades; their populations, devices and "
-            "label sources differ from any deployment. Errors are not symmetric: a missed cancer costs more than a recall.\n",
-            "## Caveats and recommendations\n", "Intervals from small test splits are wide; published figures of the source "
-            "papers were obtained with image-level splits and are not comparable. Validate on an external dataset before any claim.\n",
-            "## Reporting checklist (TRIPOD+AI / CLAIM)\n", markdown_table(reporting_checklist())]
+           *_card_analyses(pred, res, t1, t2, agg, n_boot, seed),
+           "\n## Ethical considerations\n", "Public datasets of a few hospitals and decades; their populations, devices and "
+           "label sources differ from any deployment. Errors are not symmetric: a missed cancer costs more than a recall.\n",
+           "## Caveats and recommendations\n", "Intervals from small test splits are wide; published figures of the source "
+           "papers were obtained with image-level splits and are not comparable. Validate on an external dataset before any claim.\n",
+           "## Reporting checklist (TRIPOD+AI / CLAIM)\n", markdown_table(reporting_checklist())]
     return '\n'.join(out)
 
 # %% ../nbs/06_evaluate.ipynb #dcf958cc
 def write_model_card(run_dir, # a run folder
-                     predictions: str = 'predictions.csv', # the held-out predictions to describe
+                     predictions: str = 'test', # the held-out predictions to describe: 'test' or 'oof'
                      n_boot: int = 1000, # bootstrap replicates
                      seed: int = 0, # bootstrap seed
                     ) -> Path:
-    "Write `MODEL_CARD.md` into `run_dir` atomically; returns its path."
-    from breast_cancer.core import atomic_write_text
-    return atomic_write_text(Path(run_dir)/'MODEL_CARD.md', model_card(run_dir, predictions, n_boot, seed))
+    "Write the run's model card (`RunDir.model_card_file`) atomically; returns its path."
+    return RunDir(run_dir).write_model_card(model_card(run_dir, predictions, n_boot, seed))
 
 # %% ../nbs/06_evaluate.ipynb #edd1efa5
 def _plt():
+    "matplotlib.pyplot, imported when the first figure is drawn (importing this module stays light)."
     import matplotlib.pyplot as plt
     return plt
 
+# %% ../nbs/06_evaluate.ipynb #00c47037
 def _new_fig(nrows=1, ncols=1, figsize=None, ax=None, **kw):
     "A new figure (closed to pyplot, so it displays once when returned), or the figure of `ax`."
     if ax is not None: return ax.figure, ax
@@ -493,7 +521,7 @@ def plot_confusion(confusion, # a `Metrics` (its confusion matrix) or a DataFram
 # %% ../nbs/06_evaluate.ipynb #e100e273
 def _curve_reps(y, s, groups, n_boot, seed, kind, grid):
     "Point curve and bootstrap replicate curves on `grid` (FPR for ROC, recall for PR)."
-    codes, G = _group_codes(groups, len(y)); rc = _RankCurves(y, s, codes, G)
+    codes, G = group_codes(groups, len(y)); rc = _RankCurves(y, s, codes, G)
     def curves(pos, neg):
         tp, fp = np.cumsum(pos, 1).T, np.cumsum(neg, 1).T   # (levels × replicates), thresholds from high to low score
         P, N = tp[-1], fp[-1]
@@ -501,11 +529,9 @@ def _curve_reps(y, s, groups, n_boot, seed, kind, grid):
         tp, fp, P, N = tp[:, ok], fp[:, ok], P[ok], N[ok]
         out = np.empty((len(grid), ok.sum()))
         for j in range(ok.sum()):
-            if kind == 'roc':
-                out[:, j] = np.interp(grid, np.r_[0, fp[:, j] / N[j]], np.r_[0, tp[:, j] / P[j]])
-            else:
-                rec, prec = tp[:, j] / P[j], _div(tp[:, j], tp[:, j] + fp[:, j])
-                out[:, j] = prec[np.minimum(np.searchsorted(rec, grid, side='left'), len(rec) - 1)]
+            if kind == 'roc': out[:, j] = np.interp(grid, np.r_[0, fp[:, j] / N[j]], np.r_[0, tp[:, j] / P[j]]); continue
+            rec, prec = tp[:, j] / P[j], _div(tp[:, j], tp[:, j] + fp[:, j])   # PR: precision at the first threshold reaching each recall
+            out[:, j] = prec[np.minimum(np.searchsorted(rec, grid, side='left'), len(rec) - 1)]
         return out
     point = curves(*rc.weighted(np.ones((1, G))))[:, 0]
     reps = [curves(*rc.weighted(W)) for W in bootstrap_weights(G, n_boot, seed)] if n_boot else []
@@ -515,8 +541,7 @@ def _plot_curves(kind, y_true, y_score, groups, n_boot, seed, ci, ax, label):
     y = _as_binary(y_true)
     if y.all() or not y.any(): raise DataError(f"{'ROC' if kind == 'roc' else 'PR'} curve needs positive and negative cases; all {len(y)} are {'positive' if y.any() else 'negative'}")
     scores = y_score if isinstance(y_score, dict) else {label or 'model': y_score}
-    fig, ax = _new_fig(figsize=(4.6, 4.4), ax=ax)
-    grid = np.linspace(0, 1, 101)
+    fig, ax = _new_fig(figsize=(4.6, 4.4), ax=ax); grid = np.linspace(0, 1, 101)
     for name, s in scores.items():
         s = _check_scores(s, len(y))
         point, reps = _curve_reps(y, s, groups, n_boot, seed, kind, grid)
@@ -564,22 +589,24 @@ def plot_pr(y_true, # true class per case (bool or 0/1)
     "Precision–recall curve(s) with a pointwise patient-bootstrap CI band of precision at each recall."
     return _plot_curves('pr', y_true, y_score, groups, n_boot, seed, ci, ax, label)
 
+# %% ../nbs/06_evaluate.ipynb #d69c7139
+def _history_file(folder: Path) -> Path:
+    "The history a stage folder holds, or else the first stage's of a run folder."
+    here = StageDir(folder)
+    found = [c for c in (here.history_csv, here.history_json, *(RunDir(folder).stage(s).history_csv for s in STAGES)) if c.exists()]
+    if not found: raise DataError(f"no training history in {folder} (nor in its stage folders {', '.join(STAGES)}): train first")
+    return found[0]
+
 # %% ../nbs/06_evaluate.ipynb #90787d80
 def read_history(history) -> pd.DataFrame:
     "A training history as a DataFrame, from a DataFrame, a dict of lists, `history.csv`/`.json`, or a stage/run folder."
     if isinstance(history, pd.DataFrame): return history
     if isinstance(history, dict): return pd.DataFrame(history)
     p = Path(history)
-    if p.is_dir():
-        cands = [p/'history.csv', p/'history.json', p/'stage1'/'history.csv', p/'stage2'/'history.csv']
-        found = [c for c in cands if c.exists()]
-        if not found: raise DataError(f"no history.csv or history.json in {p} (nor in its stage1/ or stage2/): train first")
-        p = found[0]
+    if p.is_dir(): p = _history_file(p)
     if not p.exists(): raise DataError(f"history file {p} not found")
     try:
-        if p.suffix == '.json':
-            import json
-            d = json.loads(p.read_text()); return pd.DataFrame(d.get('history', d) if isinstance(d, dict) else d)
+        if p.suffix == '.json': d = json.loads(p.read_text()); return pd.DataFrame(d.get('history', d) if isinstance(d, dict) else d)
         return pd.read_csv(p)
     except (ValueError, pd.errors.ParserError) as e: raise DataError(f"history file {p} is malformed: {e}") from e
 
@@ -629,21 +656,26 @@ def plot_calibration(y_true, # true class per case (bool or 0/1)
     axh.set(xlabel='predicted probability', ylabel='cases')
     return fig
 
-# %% ../nbs/06_evaluate.ipynb #abfd1a65
+# %% ../nbs/06_evaluate.ipynb #53ec1462
 def _decision_confidence(df: pd.DataFrame) -> pd.Series:
     "How far the deciding probability was from 0.5 (stage 1 for 'normal' predictions, else stage 2)."
     p = np.where(df['pred_label'].eq('normal') | df['p_malignant'].isna(), df['p_abnormal'], df['p_malignant'])
     return pd.Series(np.abs(np.asarray(p, float) - 0.5), index=df.index).fillna(0)
 
+# %% ../nbs/06_evaluate.ipynb #c8b7a9d5
 def _prob_text(p: float) -> str:
     "A probability with enough digits never to round onto 0 or 1 (0.9996 reads '>0.999', not '1.00')."
     return '>0.999' if p > 0.999 else '<0.001' if p < 0.001 else f'{p:.3f}'
 
+# %% ../nbs/06_evaluate.ipynb #9dd655dc
 def _caption(row) -> str:
+    "An image's caption in the gallery: its id, the truth, the decision and both probabilities."
     probs = ', '.join(f"{k[2:]} {_prob_text(row[k])}" for k in ('p_abnormal', 'p_malignant') if pd.notna(row[k]))
     return f"{row['image_id']}\ntrue {row['true_label']} · pred {row['pred_label']}\nP: {probs}"
 
+# %% ../nbs/06_evaluate.ipynb #b8a8c292
 def _show_grid(rows: pd.DataFrame, ncols: int, title: str, read):
+    "A figure of `rows`' images (read with `read`), captioned, `ncols` per row."
     n = len(rows); nr = max(1, math.ceil(n / ncols))
     fig, axes = _new_fig(nr, ncols, figsize=(2.6 * ncols, 2.9 * nr), squeeze=False)
     for ax in axes.ravel(): ax.axis('off')

@@ -16,10 +16,24 @@ def _is_conv(layer) -> bool:
     import keras
     return isinstance(layer, (keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D))
 
+# %% ../nbs/06a_explain.ipynb #c69932ec
+def find_last_conv(model, # a Keras model, possibly holding nested models (a backbone)
+                  ) -> list:
+    "Path [model, (nested model, ...), layer] to the last 2-D convolution, searching nested models depth-first from the end."
+    import keras
+    for layer in reversed(model.layers):
+        if isinstance(layer, keras.Model):
+            sub = _find_conv_or_none(layer)
+            if sub: return [model] + sub
+        elif _is_conv(layer): return [model, layer]
+    raise ConfigError(f"model {model.name!r} has no Conv2D layer (nested models searched too): pass layer_name")
+
+# %% ../nbs/06a_explain.ipynb #8b999648
 def _find_conv_or_none(model):
     try: return find_last_conv(model)
     except ConfigError: return None
 
+# %% ../nbs/06a_explain.ipynb #f311579c
 def _find_named(model, name: str) -> list|None:
     import keras
     for layer in model.layers:
@@ -27,6 +41,7 @@ def _find_named(model, name: str) -> list|None:
         if isinstance(layer, keras.Model) and (sub := _find_named(layer, name)): return [model] + sub
     return None
 
+# %% ../nbs/06a_explain.ipynb #99c935be
 def _forward(path: list, x):
     "Run path[0] on x; return (activation of the layer at the end of `path`, model output)."
     import keras
@@ -47,6 +62,7 @@ def _forward(path: list, x):
     out = out[0] if isinstance(out, (list, tuple)) else out
     return acts['a'], out
 
+# %% ../nbs/06a_explain.ipynb #8799b795
 def _target(out, class_index):
     "The scalar per image to explain: the sigmoid unit (or 1 − it for class 0), or one softmax class."
     import tensorflow as tf
@@ -54,6 +70,7 @@ def _target(out, class_index):
     idx = tf.argmax(out, -1) if class_index is None else tf.fill([tf.shape(out)[0]], class_index)
     return tf.gather(out, idx, batch_dims=1)
 
+# %% ../nbs/06a_explain.ipynb #42be26ac
 def _batch(model, image) -> tuple[np.ndarray, bool]:
     "Image(s) as a float32 batch with the channels the model takes; and whether a single image was given."
     x = np.asarray(image, np.float32); c = model.inputs[0].shape[-1]
@@ -62,18 +79,6 @@ def _batch(model, image) -> tuple[np.ndarray, bool]:
     if x.ndim == 3: x = x[..., None]
     if x.shape[-1] != c: x = np.repeat(x, c, -1) if x.shape[-1] == 1 else x.mean(-1, keepdims=True)
     return x, single
-
-# %% ../nbs/06a_explain.ipynb #c69932ec
-def find_last_conv(model, # a Keras model, possibly holding nested models (a backbone)
-                  ) -> list:
-    "Path [model, (nested model, ...), layer] to the last 2-D convolution, searching nested models depth-first from the end."
-    import keras
-    for layer in reversed(model.layers):
-        if isinstance(layer, keras.Model):
-            sub = _find_conv_or_none(layer)
-            if sub: return [model] + sub
-        elif _is_conv(layer): return [model, layer]
-    raise ConfigError(f"model {model.name!r} has no Conv2D layer (nested models searched too): pass layer_name")
 
 # %% ../nbs/06a_explain.ipynb #a4a5ac42
 def grad_cam(model, # a Keras model (a nested backbone such as keras.applications.ResNet50 is searched too)
@@ -121,6 +126,7 @@ def _model_input(model, image, transform=None) -> np.ndarray:
         x = resize(x, (h, w) + x.shape[2:], anti_aliasing=True, preserve_range=True).astype(np.float32)
     return x
 
+# %% ../nbs/06a_explain.ipynb #71697e01
 def _pick_cases(df: pd.DataFrame, n: int, score_col: str|None, threshold: float) -> pd.DataFrame:
     "The n most confident right and n most confident wrong cases, with a caption each."
     if score_col is None:
@@ -148,7 +154,7 @@ def plot_explanations(model, # the Keras model that scored the images (one stage
                       alpha: float = 0.45, # heatmap opacity over the image
                      ):
     "For right and wrong cases: the image, its Grad-CAM heatmap overlaid, and its gradient saliency map."
-    from breast_cancer.data import read_image
+    from breast_cancer.io import read_image
     df = validate_predictions(predictions)
     cases = _pick_cases(df, n, score_col, threshold)
     if cases.empty: raise DataError("plot_explanations: the predictions table is empty")

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 from .core import ConfigError, DataError, atomic_path
 from .io import write_dicom, write_pgm
-from .mammo import CBIS_CSV_NAMES, DDSM_VIEWS, _check_choice
+from .config import check_choice
+from .mammo import CBIS_CSV_NAMES, DDSM_VIEWS
 from .histo import IDC_PATCH_SIZE, load_breakhis, parse_breakhis_names
 
 # %% auto #0
@@ -36,10 +37,15 @@ def make_mias_tree(root, size: int = 64, ext: str = 'pgm', header: bool = True) 
         else: Image.fromarray(a).save(root/f'mdb{i:03d}.{ext}')
     return root
 
+# %% ../nbs/fixtures.ipynb #2fed2a05
+def _add_bytes(tar: tarfile.TarFile, name: str, raw: bytes) -> None:
+    "Add a member `name` holding `raw` to an open tar archive (any name, `../` included: the archive tests need that)."
+    import io
+    ti = tarfile.TarInfo(name); ti.size = len(raw); tar.addfile(ti, io.BytesIO(raw))
+
 # %% ../nbs/fixtures.ipynb #82f90c85
 def make_mias_archive(path, image_dir, n: int = 4, evil: str|None = None, corrupt: str|None = None) -> tuple[Path, dict]:
     "A fake all-mias.tar.gz of the first `n` images in `image_dir` as PGM, and its checksums (test fixture)."
-    import io
     from PIL import Image
     sums = {}
     with tarfile.open(path, 'w:gz') as tar:
@@ -47,11 +53,10 @@ def make_mias_archive(path, image_dir, n: int = 4, evil: str|None = None, corrup
             raw = b'P5\n256 256\n255\n' + np.asarray(Image.open(p)).tobytes()
             name = f'{p.stem}.pgm'; sums[name] = hashlib.sha256(raw).hexdigest()
             if name == corrupt: raw = raw[:-1] + bytes([raw[-1] ^ 1])
-            ti = tarfile.TarInfo(name); ti.size = len(raw); tar.addfile(ti, io.BytesIO(raw))
+            _add_bytes(tar, name, raw)
         info = [l for l in (Path(image_dir)/'Info.txt').read_text().splitlines() if l[:6] + '.pgm' in sums]
-        raw = ('\n'.join(info) + '\n').encode(); ti = tarfile.TarInfo('Info.txt'); ti.size = len(raw); tar.addfile(ti, io.BytesIO(raw))
-        if evil:
-            ti = tarfile.TarInfo(evil); ti.size = 4; tar.addfile(ti, io.BytesIO(b'evil'))
+        _add_bytes(tar, 'Info.txt', ('\n'.join(info) + '\n').encode())
+        if evil: _add_bytes(tar, evil, b'evil')
     return Path(path), sums
 
 # %% ../nbs/fixtures.ipynb #bad1b796
@@ -89,10 +94,22 @@ _CBIS_SWAPPED = ('P_00004', 'CC', 2)   # the CSV row that names the mask as the 
 _CBIS_NO_DESCRIPTION = ('P_00005', 'CC', 1)  # ROI files without SeriesDescription: told apart by size
 _CBIS_ONE_SERIES = {('P_00004', 'CC', 1): 'ROI mask images', ('P_00001', 'CC', 1): 'cropped images'}  # crop + mask in one series folder
 
+# %% ../nbs/fixtures.ipynb #e6514021
 def _uid(*key) -> str:
     "A deterministic DICOM UID in the CBIS-DDSM root, from a hash of `key`."
     return '1.3.6.1.4.1.9590.100.1.2.' + str(int(hashlib.sha256(repr(key).encode()).hexdigest()[:24], 16))
 
+# %% ../nbs/fixtures.ipynb #f81c6761
+def _cbis_csv_paths(row) -> tuple:
+    "Top folder, (study, series) UIDs of the full image and of the ROI series, and the CSV paths of full image, crop and mask."
+    kind, split, pid, side, view, aid = row[:6]
+    top = f"{kind.capitalize()}-{'Training' if split == 'train' else 'Test'}_{pid}_{side}_{view}"
+    full_uid, roi_uid = (_uid(top, 'study'), _uid(top, 'series')), (_uid(top, aid, 'study'), _uid(top, aid, 'series'))
+    full_csv = f'{top}/{full_uid[0]}/{full_uid[1]}/000000.dcm'
+    crop_csv, mask_csv = (f'{top}_{aid}/{roi_uid[0]}/{roi_uid[1]}/{n}' for n in ('000000.dcm', '000001.dcm'))
+    return top, full_uid, roi_uid, (full_csv, crop_csv, mask_csv)
+
+# %% ../nbs/fixtures.ipynb #579742ae
 def _cbis_fixture_images(row):
     kind, split, pid, side, view, aid, *_, (r, c, rad) = row
     blobs = [o[-1] for o in CBIS_FIXTURE_ROWS if o[:5] == row[:5]]   # every abnormality of this image
@@ -100,6 +117,7 @@ def _cbis_fixture_images(row):
     r0, c0 = min(max(r - 8, 0), 48), min(max(c - 8, 0), 32)
     return full, full[r0:r0 + 16, c0:c0 + 16], lesion_disk((64, 48), r, c, rad).astype(np.uint16) * 4095
 
+# %% ../nbs/fixtures.ipynb #034dc61c
 def _cbis_fixture_csvs(csv_dir: Path, paths: dict) -> None:
     "Write the four case-description CSVs with the real column names and dirty path cells."
     csv_dir.mkdir(parents=True, exist_ok=True)
@@ -119,22 +137,25 @@ def _cbis_fixture_csvs(csv_dir: Path, paths: dict) -> None:
             rows.append(d)
         pd.DataFrame(rows).to_csv(csv_dir/name, index=False)
 
+# %% ../nbs/fixtures.ipynb #8ed18f00
+def _cbis_tcia_file(root: Path, patient: str, study: str, series: str, k: int, desc: str, shared: str|None) -> Path:
+    "Where the TCIA downloader puts file k (0 full, 1 crop, 2 mask): renamed study and series folders, 1-1.dcm (1-k.dcm in a shared series)."
+    series_dir = f'1.000000-{shared or desc}-{(series if shared else _uid(series, k))[-5:]}'
+    return root/'CBIS-DDSM'/patient/f'0{7 + min(k, 1)}-2{min(k, 1)}-2016-DDSM-NA-{study[-5:]}'/series_dir/(f'1-{k}.dcm' if shared else '1-1.dcm')
+
 # %% ../nbs/fixtures.ipynb #a7ad1380
 def make_cbis_fixture(root, # folder to create the fixture in
                       layout: str = 'csv', # 'csv' (paths as in the CSVs), 'tcia' (download tree) or 'jpeg' (Kaggle export)
                      ) -> Path:
     "Write a tiny CBIS-DDSM tree in one of its three real layouts (8 abnormalities, 7 images, 4 women); returns root."
     from PIL import Image
-    _check_choice(layout, ('csv', 'tcia', 'jpeg'), 'layout')
+    check_choice(layout, ('csv', 'tcia', 'jpeg'), 'layout')
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
     paths, info = {}, []
     for row in CBIS_FIXTURE_ROWS:
         kind, split, pid, side, view, aid = row[:6]
-        top = f"{kind.capitalize()}-{'Training' if split == 'train' else 'Test'}_{pid}_{side}_{view}"
-        full_uid, roi_uid = (_uid(top, 'study'), _uid(top, 'series')), (_uid(top, aid, 'study'), _uid(top, aid, 'series'))
-        full_csv = f'{top}/{full_uid[0]}/{full_uid[1]}/000000.dcm'
-        crop_csv, mask_csv = (f'{top}_{aid}/{roi_uid[0]}/{roi_uid[1]}/{n}' for n in ('000000.dcm', '000001.dcm'))
-        paths[row] = (full_csv, crop_csv, mask_csv)
+        top, full_uid, roi_uid, paths[row] = _cbis_csv_paths(row)
+        full_csv, crop_csv, mask_csv = paths[row]
         full, crop, mask = _cbis_fixture_images(row)
         describe = (pid, view, aid) != _CBIS_NO_DESCRIPTION
         items = [(full, full_csv, full_uid, 'full mammogram images', top), (crop, crop_csv, roi_uid, 'cropped images', f'{top}_{aid}'),
@@ -145,9 +166,7 @@ def make_cbis_fixture(root, # folder to create the fixture in
             shared = _CBIS_ONE_SERIES.get((pid, view, aid)) if k else None   # the TCIA series both ROI files sit in
             if k == 0 or describe: tags['SeriesDescription'] = shared if shared == 'cropped images' else desc
             if layout == 'csv': f = root.joinpath(*csv_path.split('/'))
-            elif layout == 'tcia':
-                series_dir = f'1.000000-{shared or desc}-{(series if shared else _uid(series, k))[-5:]}'
-                f = root/'CBIS-DDSM'/patient/f'0{7 + min(k, 1)}-2{min(k, 1)}-2016-DDSM-NA-{study[-5:]}'/series_dir/(f'1-{k}.dcm' if shared else '1-1.dcm')
+            elif layout == 'tcia': f = _cbis_tcia_file(root, patient, study, series, k, desc, shared)
             if layout in ('csv', 'tcia'):
                 f.parent.mkdir(parents=True, exist_ok=True); write_dicom(f, pix, **tags)
             else:
@@ -168,6 +187,7 @@ def _octagon_chain(r0, c0, r1, c1, k=2) -> tuple:
     h, w = r1 - r0, c1 - c0
     return c0 + k, r0, '2' * (w - 2 * k) + '3' * k + '4' * (h - 2 * k) + '5' * k + '6' * (w - 2 * k) + '7' * k + '0' * (h - 2 * k) + '1' * k
 
+# %% ../nbs/fixtures.ipynb #04c4c232
 DDSM_FIXTURE_CASES = (  # case type, volume, stem, overlays {view: [(lesion type line, pathology, assessment, subtlety, (r0, c0, r1, c1))]}, png scale
     ('normals', 'normal_01', 'A_0001_1', {}, 1),
     ('cancers', 'cancer_01', 'C_0002_1', {'LEFT_CC': [('MASS SHAPE IRREGULAR MARGINS SPICULATED', 'MALIGNANT', 5, 4, (22, 6, 38, 22))],
@@ -179,6 +199,7 @@ DDSM_FIXTURE_CASES = (  # case type, volume, stem, overlays {view: [(lesion type
      {'LEFT_MLO': [('CALCIFICATION TYPE ROUND_AND_REGULAR DISTRIBUTION SCATTERED', 'BENIGN_WITHOUT_CALLBACK', 2, 4, (30, 8, 42, 20))]}, 1),
 )
 
+# %% ../nbs/fixtures.ipynb #0990e770
 def _ddsm_overlay_text(abns) -> str:
     lines = [f'TOTAL_ABNORMALITIES {len(abns)}']
     for i, (lesion, path_, assess, subtle, box) in enumerate(abns, 1):
@@ -191,6 +212,16 @@ def _ddsm_overlay_text(abns) -> str:
         else: lines += ['TOTAL_OUTLINES 1', 'BOUNDARY', f'{x} {y} {digits[:half]}', f'{digits[half:]} #']
     return '\n'.join(lines) + '\n'
 
+# %% ../nbs/fixtures.ipynb #e40d277b
+def _ddsm_ics_text(stem: str, overlays: dict, scale: int) -> str:
+    "The `.ics` header of a fixture case: `filename` with dashes for the B case, DOS line ends for the A case."
+    name = stem.replace('_', '-') if stem.startswith('B') else stem
+    nl = '\r\n' if stem.startswith('A') else '\n'
+    views = [f"{v} LINES {64 * scale} PIXELS_PER_LINE {48 * scale} BITS_PER_PIXEL 12 RESOLUTION 50 {'OVERLAY' if v in overlays else 'NON_OVERLAY'}"
+             for v in DDSM_VIEWS]
+    return nl.join(['ics_version 1.0', f'filename {name}', 'DATE_OF_STUDY 2 7 1995', 'PATIENT_AGE 57',
+                    'FILM', 'FILM_TYPE REGULAR', 'DENSITY 2', 'DIGITIZER LUMISYS LASER', 'SELECTED', *views]) + nl
+
 # %% ../nbs/fixtures.ipynb #4d1f118c
 def make_ddsm_fixture(root, # folder to create the fixture in (it gets `cases/`)
                      ) -> Path:
@@ -199,13 +230,7 @@ def make_ddsm_fixture(root, # folder to create the fixture in (it gets `cases/`)
     root = Path(root)
     for ctype, volume, stem, overlays, scale in DDSM_FIXTURE_CASES:
         case = root/'cases'/ctype/volume/f'case{stem[2:6]}'; case.mkdir(parents=True, exist_ok=True)
-        name = stem.replace('_', '-') if stem.startswith('B') else stem
-        nl = '\r\n' if stem.startswith('A') else '\n'
-        views = [f"{v} LINES {64 * scale} PIXELS_PER_LINE {48 * scale} BITS_PER_PIXEL 12 RESOLUTION 50 {'OVERLAY' if v in overlays else 'NON_OVERLAY'}"
-                 for v in DDSM_VIEWS]
-        (case/f'{stem}.ics').write_text(nl.join(['ics_version 1.0', f'filename {name}', 'DATE_OF_STUDY 2 7 1995', 'PATIENT_AGE 57',
-                                                'FILM', 'FILM_TYPE REGULAR', 'DENSITY 2', 'DIGITIZER LUMISYS LASER', 'SELECTED', *views]) + nl,
-                                        newline='')
+        (case/f'{stem}.ics').write_text(_ddsm_ics_text(stem, overlays, scale), newline='')
         for k, v in enumerate(DDSM_VIEWS):
             blobs = [((b[0] + b[2]) / 2 / scale, (b[1] + b[3]) / 2 / scale, (b[2] - b[0]) / 2 / scale) for *_, b in overlays.get(v, [])]
             img = fake_mammogram((64, 48), v[0], blobs, seed=k)
@@ -223,11 +248,22 @@ CMMD_FIXTURE_ROWS = (  # ID1, LeftRight, Age, number, abnormality, classificatio
     ('D2-0001', 'R', 62, 2, 'calcification', 'Benign', None),
 )
 
+# %% ../nbs/fixtures.ipynb #d7801505
+def _cmmd_tags(pid: str, side: str, view: str, n: int) -> dict:
+    "DICOM tags of a fixture woman's n-th image, with CMMD's quirks: a series-level Laterality once, a SNOMED-coded view once."
+    from pydicom.dataset import Dataset
+    tags = dict(PatientID=pid, Modality='MG', SeriesInstanceUID=_uid(pid, 'series'))
+    tags['Laterality' if (pid, n) == ('D1-0002', 2) else 'ImageLaterality'] = side
+    if (pid, n) == ('D2-0001', 4):
+        code = Dataset(); code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = '399368009', 'SCT', 'medio-lateral oblique'
+        tags['ViewCodeSequence'] = [code]
+    else: tags['ViewPosition'] = view
+    return tags
+
 # %% ../nbs/fixtures.ipynb #c9be5bef
 def make_cmmd_fixture(root, # folder to create; the DICOMs go into root/CMMD, the spreadsheet into root
                      ) -> Path:
     "Write a tiny CMMD tree (3 women, 10 DICOMs, 8 with a spreadsheet row) and its clinical xlsx; returns root/'CMMD'."
-    from pydicom.dataset import Dataset
     root = Path(root); cmmd = root/'CMMD'
     images = [('D1-0001', s, v) for s in 'LR' for v in ('CC', 'MLO')] + [('D1-0002', 'R', v) for v in ('CC', 'MLO')] + \
              [('D2-0001', s, v) for s in 'LR' for v in ('CC', 'MLO')]
@@ -235,12 +271,7 @@ def make_cmmd_fixture(root, # folder to create; the DICOMs go into root/CMMD, th
         n = sum(1 for p, *_ in images[:k] if p == pid) + 1
         folder = cmmd/pid if pid.startswith('D2') else cmmd/pid/f'07-18-2010-NA-NA-{_uid(pid)[-5:]}'/f'1.000000-NA-{_uid(pid, 1)[-5:]}'
         folder.mkdir(parents=True, exist_ok=True)
-        tags = dict(PatientID=pid, Modality='MG', SeriesInstanceUID=_uid(pid, 'series'))
-        tags['Laterality' if (pid, n) == ('D1-0002', 2) else 'ImageLaterality'] = side
-        if (pid, n) == ('D2-0001', 4):
-            code = Dataset(); code.CodeValue, code.CodingSchemeDesignator, code.CodeMeaning = '399368009', 'SCT', 'medio-lateral oblique'
-            tags['ViewCodeSequence'] = [code]
-        else: tags['ViewPosition'] = view
+        tags = _cmmd_tags(pid, side, view, n)
         lesion = [(30, 14 if side == 'L' else 34, 5)] if any(r[0] == pid and r[1] == side for r in CMMD_FIXTURE_ROWS) else []
         write_dicom(folder/f'1-{n}.dcm', fake_mammogram((64, 48), side, lesion, seed=k), **tags)
     pd.DataFrame(CMMD_FIXTURE_ROWS, columns=['ID1', 'LeftRight', 'Age', 'number', 'abnormality', 'classification', 'subtype']
@@ -279,6 +310,7 @@ def _breakhis_crops(size: int, seed: int):
         return np.asarray(patch.rotate(90 * int(rng.integers(4))).resize((size, size), Image.Resampling.BILINEAR))
     return crop
 
+# %% ../nbs/fixtures.ipynb #91de71a3
 def _synthetic_patch(rng, size: int, positive: bool) -> np.ndarray:
     "A pink (stroma) patch with purple nuclei, denser and darker when positive."
     im = np.empty((size, size, 3), np.float32); im[:] = (0.93, 0.72, 0.83)
@@ -289,6 +321,16 @@ def _synthetic_patch(rng, size: int, positive: bool) -> np.ndarray:
     im += rng.normal(0, 0.03, im.shape).astype(np.float32)
     return (np.clip(im, 0, 1) * 255).astype(np.uint8)
 
+# %% ../nbs/fixtures.ipynb #d877e1fd
+def _tumour_cells(rng, n: int, cols: int, positive_fraction: float) -> np.ndarray:
+    "Which of `n` grid cells (row-major, `cols` wide) form one round tumour region: the share nearest a random centre."
+    row, col = np.arange(n) // cols, np.arange(n) % cols
+    centre = rng.uniform([0, 0], [row.max() + 1, cols])
+    dist = (row - centre[0]) ** 2 + (col - centre[1]) ** 2 + rng.uniform(0, 0.5, n)
+    positive = np.zeros(n, bool); positive[np.argsort(dist)[:max(1, round(positive_fraction * n))]] = True
+    return positive
+
+# %% ../nbs/fixtures.ipynb #2f23fac8
 def make_idc_tree(root, # folder to create; must be empty or absent unless overwrite=True
                   n_patients: int = 4, # number of patient folders
                   patches_per_patient: int = 48, # patches per patient, on a near-square grid
@@ -311,10 +353,7 @@ def make_idc_tree(root, # folder to create; must be empty or absent unless overw
             patient = str(10253 + 37 * i)
             cols = math.ceil(math.sqrt(patches_per_patient * 1.3)); cells = np.arange(patches_per_patient)
             row, col = cells // cols, cells % cols
-            centre = rng.uniform([0, 0], [row.max() + 1, cols])
-            dist = (row - centre[0]) ** 2 + (col - centre[1]) ** 2 + rng.uniform(0, 0.5, len(cells))
-            n_pos = max(1, round(positive_fraction * len(cells)))
-            positive = np.zeros(len(cells), bool); positive[np.argsort(dist)[:n_pos]] = True
+            positive = _tumour_cells(rng, len(cells), cols, positive_fraction)
             for r, c, pos in zip(row, col, positive):
                 x, y, cls = 1 + size * (c + 20), 1 + size * (r + 20), int(pos)
                 pixels = crop('malignant' if pos else 'benign') if real_images else _synthetic_patch(rng, size, pos)

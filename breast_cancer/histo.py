@@ -9,18 +9,28 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import ConfigError, DataError, config_hash, get_logger, moved_names, sample_dir
+from .config import check_choice
 from .data import make_manifest, read_image
+
+_log = get_logger('histo')
+
 
 # %% auto #0
 __all__ = ['BREAKHIS_TUMOR_TYPES', 'BREAKHIS_BENIGN', 'BREAKHIS_MALIGNANT', 'BREAKHIS_MAGNIFICATIONS', 'BREAKHIS_NAME',
-           'IDC_NAME', 'IDC_PATCH_SIZE', 'parse_breakhis_names', 'read_breakhis_folds', 'load_breakhis', 'load_idc',
-           'idc_slide_map', 'idc_slide_image', 'plot_idc_slide_map']
+           'IDC_NAME', 'IDC_PATCH_SIZE', 'scan_files', 'parse_breakhis_names', 'read_breakhis_folds', 'load_breakhis',
+           'idc_records', 'load_idc', 'idc_slide_map', 'idc_slide_image', 'plot_idc_slide_map']
 
-# %% ../nbs/01b_histo.ipynb #1ea74eb6
-_log = get_logger('histo')
+# %% ../nbs/01b_histo.ipynb #5501c1c1
+def _scan_dir(d: str, suffix: str, stack: list) -> list[str]:
+    "Names of the files in folder `d` ending in `suffix` (lower case); its sub-folders go onto `stack`; hidden entries are skipped."
+    try: it = os.scandir(d)
+    except OSError as e: raise DataError(f"{d}: cannot list the folder ({e}); check its permissions") from e
+    with it: entries = [e for e in it if not e.name.startswith('.')]
+    stack.extend(e.path for e in entries if e.is_dir())   # DirEntry caches is_dir: one stat per entry at most
+    return [e.name for e in entries if not e.is_dir() and e.name.lower().endswith(suffix)]
 
 # %% ../nbs/01b_histo.ipynb #856f9771
-def _scan_files(root, # folder to walk (recursively)
+def scan_files(root, # folder to walk (recursively)
                 suffix: str = '.png', # keep files whose name ends with this (case-insensitive)
                ) -> tuple[list[str], np.ndarray, list[str]]:
     "One `os.scandir` walk: (folders, folder index of each file, file names) for files ending in `suffix`."
@@ -28,18 +38,11 @@ def _scan_files(root, # folder to walk (recursively)
     if not os.path.isdir(root): raise DataError(f"{root}: folder not found; pass the folder that holds the dataset")
     dirs, dir_idx, names, stack, suffix = [], [], [], [root], suffix.lower()
     while stack:
-        d = stack.pop()
-        try: it = os.scandir(d)
-        except OSError as e: raise DataError(f"{d}: cannot list the folder ({e}); check its permissions") from e
-        k, found = len(dirs), []
-        with it:
-            for e in it:
-                if e.name.startswith('.'): continue
-                if e.is_dir(): stack.append(e.path)
-                elif e.name.lower().endswith(suffix): found.append(e.name)
-        if found: dirs.append(d); names.extend(found); dir_idx.append(np.full(len(found), k, dtype=np.int32))
+        d = stack.pop(); found = _scan_dir(d, suffix, stack)
+        if found: dir_idx.append(np.full(len(found), len(dirs), dtype=np.int32)); dirs.append(d); names.extend(found)
     return dirs, (np.concatenate(dir_idx) if dir_idx else np.zeros(0, np.int32)), names
 
+# %% ../nbs/01b_histo.ipynb #fe6c279d
 def _report_skipped(paths: list[str], root, dataset: str, expected: str, strict: bool):
     "Log (or, when strict, raise) one summary of the files that were skipped."
     if not len(paths): return
@@ -58,6 +61,7 @@ BREAKHIS_MAGNIFICATIONS = (40, 100, 200, 400)
 BREAKHIS_NAME = re.compile(r'^SOB_(?P<cls>[BM])_(?P<tumor_type>[A-Z]{1,2})-(?P<slide_id>(?P<case>\d+-\d+)[A-Z]*)'
                            r'-(?P<magnification>\d+)-(?P<seq>\d+)\.(?i:png)$')
 
+# %% ../nbs/01b_histo.ipynb #725b1727
 def parse_breakhis_names(names, # BreakHis file names such as `SOB_B_A-14-22549AB-100-001.png`
                         ) -> pd.DataFrame:
     "Parse BreakHis file names (vectorised): label, tumor_type, slide_id, case, magnification, seq; NaN rows where a name does not parse."
@@ -92,6 +96,7 @@ def read_breakhis_folds(path, # a BreakHis `Folds.csv` (columns fold, mag, grp, 
     return pd.DataFrame({'image_id': image_id, 'fold': fold.astype(int), 'split': grp,
                          'mag': folds['mag'] if 'mag' in folds else pd.NA})
 
+# %% ../nbs/01b_histo.ipynb #891097ab
 def _find_folds_csv(root: Path, levels: int = 4) -> Path|None:
     for p in (root, *list(root.parents)[:levels]):
         if (p/'Folds.csv').is_file(): return p/'Folds.csv'
@@ -110,6 +115,24 @@ def _parse_magnification(magnification) -> set[int]|None:
         out.add(int(v))
     return out
 
+# %% ../nbs/01b_histo.ipynb #2bd412c6
+def _drop_duplicate_names(df: pd.DataFrame, root) -> pd.DataFrame:
+    "The first copy of each image_id (`df` is sorted by image_id, then path), with one warning when a name appears twice."
+    dup = df['image_id'].duplicated()
+    if dup.any(): _log.warning(f"BreakHis: {int(dup.sum())} file name(s) appear twice under {root} (e.g. {df.loc[dup, 'image_path'].iloc[0]}); "
+                              "kept the first copy of each")
+    return df[~dup]
+
+# %% ../nbs/01b_histo.ipynb #a3cde1aa
+def _keep_magnifications(df: pd.DataFrame, mags: set[int]|None, root) -> pd.DataFrame:
+    "The rows at magnifications `mags` (None: all); a DataError naming the magnifications there are when none is left."
+    if mags is None: return df
+    found = df['magnification'].value_counts().sort_index()
+    df = df[df['magnification'].isin(mags)]
+    if df.empty: raise DataError(f"{root}: no BreakHis images at magnification {sorted(mags)}; found "
+                                 f"{', '.join(f'{m}X: {n}' for m, n in found.items())}")
+    return df
+
 # %% ../nbs/01b_histo.ipynb #181e31b2
 def load_breakhis(root=None, # `BreaKHis_v1` or any folder inside it, or a flat folder of `SOB_*.png`; None = the bundled 12-image sample
                   magnification=None, # keep only these: 40, '100X', or a list; None = all four
@@ -120,9 +143,9 @@ def load_breakhis(root=None, # `BreaKHis_v1` or any folder inside it, or a flat 
                  ) -> pd.DataFrame:
     "Manifest of BreakHis images: benign/malignant label, tumor type, magnification and slide id parsed from file names."
     root = Path(root).expanduser() if root is not None else sample_dir('breakhis-sample')
-    if patient_key not in ('slide', 'case'): raise ConfigError(f"patient_key must be 'slide' or 'case', got {patient_key!r}")
+    check_choice(patient_key, ('slide', 'case'), 'patient_key')
     mags = _parse_magnification(magnification)
-    dirs, dir_idx, names = _scan_files(root)
+    dirs, dir_idx, names = scan_files(root)
     if not names: raise DataError(f"{root}: no PNG images found; point root at BreaKHis_v1 (or a folder inside it) "
                                   "or at a folder of SOB_*.png files")
     paths = pd.Series(np.asarray(dirs, dtype=object)[dir_idx], dtype=object) + os.sep + pd.Series(names, dtype=object)
@@ -133,15 +156,7 @@ def load_breakhis(root=None, # `BreaKHis_v1` or any folder inside it, or a flat 
     _report_skipped(sorted(df.loc[bad, 'image_path']), root, 'BreakHis',
                     'are not named like SOB_<B|M>_<type>-<yy>-<slide>-<40|100|200|400>-<seq>.png', strict)
     df = df[~bad].sort_values(['image_id', 'image_path']).reset_index(drop=True)
-    dup = df['image_id'].duplicated()
-    if dup.any(): _log.warning(f"BreakHis: {int(dup.sum())} file name(s) appear twice under {root} (e.g. {df.loc[dup, 'image_path'].iloc[0]}); "
-                              "kept the first copy of each")
-    df = df[~dup]
-    if mags is not None:
-        found = df['magnification'].value_counts().sort_index()
-        df = df[df['magnification'].isin(mags)]
-        if df.empty: raise DataError(f"{root}: no BreakHis images at magnification {sorted(mags)}; found "
-                                     f"{', '.join(f'{m}X: {n}' for m, n in found.items())}")
+    df = _keep_magnifications(_drop_duplicate_names(df, root), mags, root)
     df['patient_id'] = df['slide_id'] if patient_key == 'slide' else df['case']
     if fold is not None and folds_csv is not False:
         path = Path(folds_csv) if folds_csv is not None else _find_folds_csv(root.resolve())
@@ -151,6 +166,7 @@ def load_breakhis(root=None, # `BreaKHis_v1` or any folder inside it, or a flat 
             'magnification', 'slide_id', 'seq']
     return make_manifest(df[[c for c in cols if c in df]].reset_index(drop=True), 'breakhis')
 
+# %% ../nbs/01b_histo.ipynb #7168b435
 def _join_folds(df: pd.DataFrame, path: Path, fold: int) -> pd.DataFrame:
     "Add `split` (train/test) and `breakhis_fold` from one fold of `Folds.csv`."
     folds = read_breakhis_folds(path)
@@ -169,6 +185,7 @@ IDC_NAME = r'^(?P<patient>\d+)_idx5_x(?P<x>\d+)_y(?P<y>\d+)_class(?P<idc_class>[
 IDC_PATCH_SIZE = 50  # side of an IDC patch in pixels; x and y in the names step by this
 _IDC_LINE = re.compile(r'^(?:(\d+)_idx5_x(\d+)_y(\d+)_class([01])\.(?i:png)|.*)$', re.M)
 
+# %% ../nbs/01b_histo.ipynb #33e81d1b
 def _parse_idc_names(names: list[str]) -> np.ndarray:
     "(n, 4) str array of patient, x, y, class; empty strings where a name does not parse (one C-level regex pass)."
     rows = _IDC_LINE.findall('\n'.join(names))
@@ -176,14 +193,21 @@ def _parse_idc_names(names: list[str]) -> np.ndarray:
         rows = pd.Series(names, dtype=object).str.extract(IDC_NAME).fillna('').to_numpy()
     return np.array(rows, dtype=str).reshape(-1, 4)
 
-def _idc_records(root, dirs: list[str], dir_idx: np.ndarray, names: list[str], strict: bool) -> pd.DataFrame:
-    "Vectorised: parse the names, check them against their folders, drop duplicates, sort by image_id."
-    parts = _parse_idc_names(names)
+# %% ../nbs/01b_histo.ipynb #af4f3241
+def _idc_name_ok(parts: np.ndarray, dirs: list[str], dir_idx: np.ndarray) -> np.ndarray:
+    "Which parsed names fit their folder: any IDC name in a flat folder; in `<patient>/<class>/`, that patient and class."
     patient, cls = parts[:, 0], parts[:, 3]
     base = np.asarray([os.path.basename(d) for d in dirs], dtype=str)
     parent = np.asarray([os.path.basename(os.path.dirname(d)) for d in dirs], dtype=str)
     in_class_dir = np.isin(base, ['0', '1'])[dir_idx]                # a flat folder is fine; a class folder must agree
-    ok = (patient != '') & (~in_class_dir | ((base[dir_idx] == cls) & (parent[dir_idx] == patient)))
+    return (patient != '') & (~in_class_dir | ((base[dir_idx] == cls) & (parent[dir_idx] == patient)))
+
+# %% ../nbs/01b_histo.ipynb #6c7fc694
+def idc_records(root, dirs: list[str], dir_idx: np.ndarray, names: list[str], strict: bool) -> pd.DataFrame:
+    "Vectorised: parse the names, check them against their folders, drop duplicates, sort by image_id."
+    parts = _parse_idc_names(names)
+    patient, cls = parts[:, 0], parts[:, 3]
+    ok = _idc_name_ok(parts, dirs, dir_idx)
     paths = np.asarray(dirs, dtype=object)[dir_idx] + os.sep + np.asarray(names, dtype=object)
     _report_skipped(sorted(paths[~ok]), root, 'IDC', 'are not named <patient>_idx5_x<X>_y<Y>_class<0|1>.png inside '
                     '<patient>/<class>/ folders', strict)
@@ -201,6 +225,7 @@ def _idc_records(root, dirs: list[str], dir_idx: np.ndarray, names: list[str], s
                          'x': parts[order, 1].astype(np.int32), 'y': parts[order, 2].astype(np.int32),
                          'idc_class': cls[order].astype(np.int8)})
 
+# %% ../nbs/01b_histo.ipynb #cd725a34
 def load_idc(root=None, # the folder holding the patient folders (e.g. IDC_regular_ps50_idx5); None = `data_dir()/'idc'`
              strict: bool = False, # raise on PNG files whose names or folders do not fit (default: skip with one warning)
             ) -> pd.DataFrame:
@@ -209,9 +234,9 @@ def load_idc(root=None, # the folder holding the patient folders (e.g. IDC_regul
     root = Path(root).expanduser() if root is not None else data_dir()/'idc'
     if not root.is_dir(): raise DataError(f"{root}: IDC folder not found; download the Kaggle 'Breast Histopathology Images' "
                                           "and pass the folder of patient folders as root (or fixtures.make_idc_tree for a small test tree)")
-    dirs, dir_idx, names = _scan_files(root)
+    dirs, dir_idx, names = scan_files(root)
     if not names: raise DataError(f"{root}: no PNG patches found; expected <patient>/<0|1>/<patient>_idx5_x<X>_y<Y>_class<C>.png")
-    records = _idc_records(root, dirs, dir_idx, names, strict)
+    records = idc_records(root, dirs, dir_idx, names, strict)
     if records.empty: raise DataError(f"{root}: none of the {len(names)} PNG files is named like an IDC patch "
                                       "(<patient>_idx5_x<X>_y<Y>_class<C>.png)")
     return make_manifest(records, 'idc')
@@ -225,6 +250,7 @@ def _label_values(values: pd.Series) -> np.ndarray:
         return pd.to_numeric(mapped, errors='coerce').to_numpy(dtype=float)
     return pd.to_numeric(values.astype('Float64'), errors='coerce').to_numpy(dtype=float, na_value=np.nan)
 
+# %% ../nbs/01b_histo.ipynb #827a640b
 def _patient_rows(frame: pd.DataFrame, patient) -> pd.DataFrame:
     if 'patient_id' not in frame: raise DataError("expected a manifest or predictions frame with a 'patient_id' column")
     rows = frame[frame['patient_id'].astype(str) == str(patient)]
@@ -238,6 +264,7 @@ def _patient_rows(frame: pd.DataFrame, patient) -> pd.DataFrame:
                         f"of patient {patient!r} (e.g. {rows.loc[xy['x'].isna(), 'image_id'].iloc[0]!r}); pass a load_idc manifest")
     return rows.assign(x=xy['x'].astype(int).to_numpy(), y=xy['y'].astype(int).to_numpy())
 
+# %% ../nbs/01b_histo.ipynb #88e3b904
 def idc_slide_map(frame: pd.DataFrame, # an IDC manifest or predictions frame (patient_id, image_id or x/y, and value_col)
                   patient, # the patient_id to reassemble
                   value_col: str = 'p_malignant', # the column to map: a probability, or a label column such as 'label'/'true_label'
@@ -273,6 +300,12 @@ def idc_slide_image(frame: pd.DataFrame, # an IDC manifest or predictions frame 
         out[r:r + im.shape[0], c:c + im.shape[1]] = im[:patch_size, :patch_size]   # edge patches of real slides can be smaller
     return out
 
+# %% ../nbs/01b_histo.ipynb #05d69262
+def _slide_extent(grid: pd.DataFrame, patch_size: int) -> tuple:
+    "imshow's extent (left, right, bottom, top) in slide pixels of a grid from `idc_slide_map`."
+    return grid.columns[0], grid.columns[-1] + patch_size, grid.index[-1] + patch_size, grid.index[0]
+
+# %% ../nbs/01b_histo.ipynb #9c89dad3
 def plot_idc_slide_map(frame: pd.DataFrame, # IDC predictions (true_label, p_malignant) or a manifest (label)
                        patient, # the patient_id to show
                        truth_col: str|None = None, # the ground-truth column; None = 'true_label' or else 'label'
@@ -286,8 +319,7 @@ def plot_idc_slide_map(frame: pd.DataFrame, # IDC predictions (true_label, p_mal
     from matplotlib.colors import ListedColormap
     truth_col = truth_col or ('true_label' if 'true_label' in frame else 'label')
     truth = idc_slide_map(frame, patient, truth_col, patch_size)
-    y0, x0 = truth.index[0], truth.columns[0]
-    extent = (x0, truth.columns[-1] + patch_size, truth.index[-1] + patch_size, y0)
+    extent = _slide_extent(truth, patch_size)
     panels = (['tissue'] if tissue and 'image_path' in frame else []) + ['truth'] + (['pred'] if pred_col in frame else [])
     aspect = (extent[1] - extent[0]) / (extent[2] - extent[3])
     width = len(panels) * (max(size - 1.0, 1.0) * aspect + 1.0) + 0.6   # axes + labels per panel, + the colour bar

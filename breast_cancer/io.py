@@ -10,6 +10,7 @@ from typing import NamedTuple
 from pathlib import Path
 import numpy as np
 from .core import DataError, ConfigError, file_sha256
+from .config import check_choice, choices
 
 # %% auto #0
 __all__ = ['NONFINITE', 'read_image', 'write_pgm', 'write_dicom', 'resize_longer', 'read_resized', 'read_checksums',
@@ -27,13 +28,14 @@ def _is_dicom(path: Path) -> bool:
         with open(path, 'rb') as f: f.seek(128); return f.read(4) == b'DICM'
     except OSError: return False
 
-NONFINITE = ('error', 'zero', 'clip')  # what read_image does with NaN/inf pixels (config key `data.nonfinite`)
+# %% ../nbs/01c_io.ipynb #9c8da0aa
+NONFINITE = choices('data.nonfinite')  # 'error', 'zero' or 'clip': what read_image does with NaN/inf pixels (config key `data.nonfinite`)
 
 def _finite_range(a: np.ndarray, path, nonfinite: str) -> tuple[float, float]:
     "The (min, max) of `a`; NaN/inf pixels raise `DataError` naming `path`, or are replaced in place (zero -> min, clip -> min/max)."
     lo, hi = float(a.min()), float(a.max())  # one pass each; NaN or inf anywhere shows up here
     if math.isfinite(lo) and math.isfinite(hi): return lo, hi
-    if nonfinite not in NONFINITE: raise ConfigError(f'nonfinite={nonfinite!r}: use one of {NONFINITE}')
+    check_choice(nonfinite, 'data.nonfinite', 'nonfinite')
     bad = ~np.isfinite(a); n, first = int(bad.sum()), tuple(int(i) for i in np.argwhere(bad)[0])
     if nonfinite == 'error':
         raise DataError(f'{path}: {n} NaN or infinite pixel(s), the first at {first}; fix or drop the image, or set '
@@ -42,6 +44,7 @@ def _finite_range(a: np.ndarray, path, nonfinite: str) -> tuple[float, float]:
     np.nan_to_num(a, copy=False, nan=lo, posinf=hi if nonfinite == 'clip' else lo, neginf=lo)
     return lo, hi
 
+# %% ../nbs/01c_io.ipynb #70701694
 def _affine_to_unit(raw: np.ndarray, k: float, b: float) -> np.ndarray:
     "clip(k * raw + b, 0, 1) as a new float32 array, in blocks of rows that stay in the CPU cache (one pass over memory)."
     a = np.empty(raw.shape, np.float32); k, b = np.float32(k), np.float32(b)
@@ -52,12 +55,14 @@ def _affine_to_unit(raw: np.ndarray, k: float, b: float) -> np.ndarray:
         np.clip(blk, 0, 1, out=blk)
     return a
 
+# %% ../nbs/01c_io.ipynb #45cbc5e2
 class _Stored(NamedTuple):
     "Stored 8/16-bit pixels whose display values are clip(k * raw + b, 0, 1): a read before its one scaling pass."
     raw: np.ndarray; k: float; b: float
     in_range: bool = False  # k * raw + b is already within [0, 1] (no pixel clips): scaling commutes with averaging
     def to_unit(self) -> np.ndarray: return _affine_to_unit(self.raw, self.k, self.b)
 
+# %% ../nbs/01c_io.ipynb #d58e78a2
 _NATIVE_LE = ('1.2.840.10008.1.2', '1.2.840.10008.1.2.1')  # implicit and explicit VR little endian: pixels stored as they are
 _DEFER = 1 << 20  # `dcmread` leaves pixel data above 1 MB on disk, to be mapped rather than copied (a film is 29 MB)
 
@@ -71,6 +76,7 @@ def _mapped_pixels(ds, path: Path, dtype: np.dtype, count: int) -> np.ndarray|No
     try: return np.asarray(np.memmap(path, dtype, 'r', offset=tell, shape=(count,)))
     except (OSError, ValueError): return None   # a file system that cannot map files: pydicom reads the value instead
 
+# %% ../nbs/01c_io.ipynb #b97c7a68
 def _dicom_pixels(ds, path: Path) -> tuple[np.ndarray, tuple[float, float]|None]:
     "The stored pixels (native little-endian 8/16-bit greyscale data as it lies in the file, mapped or a view, else `pixel_array`) and their (min, max) if it was taken."
     ts = str(getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', ''))
@@ -88,12 +94,14 @@ def _dicom_pixels(ds, path: Path) -> tuple[np.ndarray, tuple[float, float]|None]
             if rng[1] < (1 << stored): return raw, rng
     return ds.pixel_array, None
 
+# %% ../nbs/01c_io.ipynb #8298240b
 def _value_range(raw: np.ndarray) -> tuple[float, float]:
     "(min, max) of an integer image in one pass over memory: both taken block by block while the block is in the CPU cache."
     rows = max(1, (1 << 20) // max(1, raw[:1].nbytes)); lo, hi = math.inf, -math.inf   # about 1 MB per block
     for i in range(0, raw.shape[0], rows): blk = raw[i:i + rows]; lo, hi = min(lo, float(blk.min())), max(hi, float(blk.max()))
     return lo, hi
 
+# %% ../nbs/01c_io.ipynb #e69d4396
 def _first(v) -> float: return float(v[0] if isinstance(v, (MutableSequence, list, tuple)) else v)  # several windows: the first
 
 def _dicom_affine(ds, raw: np.ndarray, path, nonfinite: str, rng: tuple[float, float]|None = None) -> tuple[float, float]|None:
@@ -111,6 +119,7 @@ def _dicom_affine(ds, raw: np.ndarray, path, nonfinite: str, rng: tuple[float, f
         k, b = (slope / (hi - lo), (intercept - lo) / (hi - lo)) if hi > lo else (0.0, 0.0)
     return (-k, 1 - b) if str(ds.get('PhotometricInterpretation', '')).upper() == 'MONOCHROME1' else (k, b)
 
+# %% ../nbs/01c_io.ipynb #536d1885
 def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     "Read a DICOM file with pydicom: modality LUT, VOI LUT/window, MONOCHROME1 inverted, in [0, 1] (float32, or `_Stored` if linear)."
     import pydicom
@@ -160,6 +169,7 @@ def _check_complete(im, path: Path):
         need = tile[0][2] + im.size[0] * im.size[1] * bps * (3 if im.mode == 'RGB' else 1)
         if path.stat().st_size < need: raise _truncated(path, path.stat().st_size, need)
 
+# %% ../nbs/01c_io.ipynb #d24cb91c
 _PGM = re.compile(rb'P5(?:\s+|#[^\n]*\n)+(\d+)(?:\s+|#[^\n]*\n)+(\d+)(?:\s+|#[^\n]*\n)+(\d+)\s')  # binary PGM header
 
 def _read_pgm16(path: Path) -> _Stored|None:
@@ -175,6 +185,7 @@ def _read_pgm16(path: Path) -> _Stored|None:
     raw = np.fromfile(path, dtype='>u2', count=w * h, offset=m.end()).reshape(h, w).astype(np.uint16)  # big-endian, as Netpbm says
     return _Stored(raw, 1 / maxval, 0.0, in_range=bool(raw.size) and int(raw.max()) <= maxval)   # maxval is white, as Pillow reads it
 
+# %% ../nbs/01c_io.ipynb #792b583e
 def _pil_to_float(im, path='image', nonfinite: str = 'error') -> np.ndarray|_Stored:
     "A Pillow image in [0, 1]: float32 greyscale (H, W) or colour (H, W, 3), or `_Stored` 16-bit pixels (12-bit data scaled by 4095)."
     if im.mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I'):
@@ -191,11 +202,12 @@ def _pil_to_float(im, path='image', nonfinite: str = 'error') -> np.ndarray|_Sto
     a = np.asarray(im).astype(np.float32); a /= 255
     return a
 
+# %% ../nbs/01c_io.ipynb #b8f5f416
 def _read_source(path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     "`read_image` up to its scaling: a float32 array in [0, 1], or the stored pixels of a linear greyscale read (`_Stored`)."
     from PIL import Image, UnidentifiedImageError
     path = Path(path)
-    if nonfinite not in NONFINITE: raise ConfigError(f'nonfinite={nonfinite!r}: use one of {NONFINITE}')
+    check_choice(nonfinite, 'data.nonfinite', 'nonfinite')
     if not path.is_file(): raise DataError(f'image not found: {path}; check the path (and the dataset root) in the manifest')
     if _is_dicom(path): return _read_dicom(path, nonfinite)
     try:
@@ -215,13 +227,13 @@ def _read_source(path, nonfinite: str = 'error') -> np.ndarray|_Stored:
         raise DataError(f'{path}: cannot read image ({e}); the file is corrupt or not an image, download it again '
                         'or remove it from the manifest') from e
 
+# %% ../nbs/01c_io.ipynb #e0aafc1e
 def read_image(path, # a PGM (8/16-bit), PNG, JPEG, TIFF or DICOM file
                nonfinite: str = 'error', # NaN/inf pixels: 'error' (DataError naming the file), 'zero' or 'clip' (to the finite range)
               ) -> np.ndarray:
     "Read an image as float32 in [0, 1]: (H, W) greyscale or (H, W, 3) RGB; `DataError` naming the file if it cannot."
     a = _read_source(path, nonfinite)
     return a.to_unit() if isinstance(a, _Stored) else a
-
 
 # %% ../nbs/01c_io.ipynb #e96515f6
 def write_pgm(path, arr: np.ndarray, maxval: int|None = None) -> Path:
@@ -276,6 +288,7 @@ def _shrink_plan(h: int, w: int, size: int) -> tuple[tuple[int, int], tuple[int,
     new = (max(1, round(w * scale)), max(1, round(h * scale)))
     return new, (int(w / new[0] / _REDUCING_GAP) or 1, int(h / new[1] / _REDUCING_GAP) or 1)
 
+# %% ../nbs/01c_io.ipynb #cb77e432
 def resize_longer(arr: np.ndarray, # float32 image, (H, W) or (H, W, C), values in [0, 1]
                   size: int|None, # the new longer side in pixels; None returns `arr` unchanged
                  ) -> np.ndarray:
@@ -305,6 +318,7 @@ def _box_reduce(s: _Stored, fx: int, fy: int) -> np.ndarray:
     if fold: out *= np.float32(s.k); out += np.float32(s.b)   # the mean of k·x + b is k·mean(x) + b
     return out
 
+# %% ../nbs/01c_io.ipynb #e5744905
 def read_resized(path, # an image file, as for `read_image`
                  size, # the longer side of the result (None keeps it), or a function of the source's shape that gives it
                  nonfinite: str = 'error', # NaN/inf pixels, as for `read_image`
@@ -342,6 +356,7 @@ def _unsafe_member(m: tarfile.TarInfo) -> str|None:
     if not (m.isfile() or m.isdir()): return 'device, fifo or other special file'
     return None
 
+# %% ../nbs/01c_io.ipynb #2f3d25f4
 def safe_extract(archive, # a .tar, .tar.gz, .tgz or .tar.bz2 file
                  dest, # folder to extract into
                 ) -> list[Path]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from .core import DataError, ConfigError, get_logger, moved_names
+from .config import check_choice
 from .data import make_manifest, validate_manifest, read_image
 
 _log = get_logger('mammo')
@@ -23,17 +24,14 @@ __all__ = ['MISSING_MODES', 'VIEW_CODES', 'CBIS_CSV_NAMES', 'CBIS_PATHOLOGY', 'C
 # %% ../nbs/01a_mammo.ipynb #b9590299
 MISSING_MODES = ('error', 'drop')
 
-def _check_choice(value, choices, name):
-    if value not in choices: raise ConfigError(f'{name}={value!r} is not one of {choices}')
-    return value
-
+# %% ../nbs/01a_mammo.ipynb #3e05e08c
 def report_missing(missing: list, # the paths (or descriptions) of the files that were not found
                    source: str, # what was being loaded, e.g. 'CBIS-DDSM'
                    missing_mode: str = 'error', # 'error': raise one DataError; 'drop': warn once (the caller drops the rows)
                    hint: str = '', # what the user should check
                   ) -> None:
     "Summarise all missing files in one `DataError` (or one warning with `missing_mode='drop'`)."
-    _check_choice(missing_mode, MISSING_MODES, 'missing')
+    check_choice(missing_mode, MISSING_MODES, 'missing')
     if not missing: return
     missing = list(dict.fromkeys(map(str, missing)))
     n, shown = len(missing), '\n  '.join(missing[:5])
@@ -47,6 +45,7 @@ VIEW_CODES = {'399162004': 'CC', '399368009': 'MLO', 'R-10242': 'CC', 'R-10226':
 _HEADER_TAGS = ['Rows', 'Columns', 'SeriesDescription', 'SeriesInstanceUID', 'PatientID', 'ImageLaterality', 'Laterality',
                 'ViewPosition', 'ViewCodeSequence']
 
+# %% ../nbs/01a_mammo.ipynb #4a05376e
 def read_header(path, # a DICOM file, or any image Pillow opens
                ) -> dict:
     "Header facts of an image without decoding its pixels: shape (rows, cols) and, for DICOM, a few tags."
@@ -70,6 +69,7 @@ def read_header(path, # a DICOM file, or any image Pillow opens
     except Exception as e: raise DataError(f'{path}: cannot read the image header ({e}); the file is corrupt, download it again') from e
     return dict(shape=(h, w), description='', series_uid='', patient_id='', laterality='', view='')
 
+# %% ../nbs/01a_mammo.ipynb #e2d8ac27
 def _area(shape): return int(shape[0]) * int(shape[1])
 
 # %% ../nbs/01a_mammo.ipynb #6440eb2b
@@ -93,8 +93,10 @@ _CBIS_COLUMNS = {  # normalised CSV header -> manifest name
     'cropped image file path': 'roi_csv_path', 'roi mask file path': 'mask_csv_path'}
 _CBIS_REQUIRED = ('patient_id', 'laterality', 'view', 'abnormality_id', 'pathology', 'image_csv_path', 'roi_csv_path', 'mask_csv_path')
 
+# %% ../nbs/01a_mammo.ipynb #c5835c7c
 def _norm_col(c) -> str: return re.sub(r'[\s_]+', ' ', str(c).strip().lower())
 
+# %% ../nbs/01a_mammo.ipynb #4ad9d15f
 def read_cbis_csv(path, # one of the four official case-description CSVs
                  ) -> pd.DataFrame:
     "Read a CBIS-DDSM case-description CSV: uniform column names, stripped cells, checked pathology."
@@ -122,6 +124,7 @@ def _csv_parts(p: str) -> list[str]:
     "The components of a CSV path, with the stray whitespace of each removed."
     return [s.strip() for s in str(p).replace('\\', '/').split('/') if s.strip()]
 
+# %% ../nbs/01a_mammo.ipynb #69197b28
 def _split_roi(files, header, full_shape=None, descriptions=None) -> tuple:
     "Tell the crop from the mask among `files`: by SeriesDescription, else by size (the mask is the larger)."
     desc = lambda f: ((descriptions or {}).get(f) or header(f)['description']).lower()
@@ -139,6 +142,7 @@ def _split_roi(files, header, full_shape=None, descriptions=None) -> tuple:
     big = full_shape is not None and area(f) >= 0.5 * _area(full_shape)   # a mask has about the full mammogram's size
     return (None, f) if big else (f, None)
 
+# %% ../nbs/01a_mammo.ipynb #6c712dc7
 class _CbisCsvLayout:
     "Layout (a): the CSV paths under `image_root`."
     name = 'csv'
@@ -150,6 +154,7 @@ class _CbisCsvLayout:
         (crop, m1), (mask, m2) = self.full(roi_csv), self.full(mask_csv)
         return crop, mask, [m for m in (m1, m2) if m]
 
+# %% ../nbs/01a_mammo.ipynb #61fe1b34
 class _CbisTciaLayout:
     "Layout (b): the TCIA download tree; only the top folder matches the CSV."
     name = 'tcia'
@@ -173,6 +178,7 @@ class _CbisTciaLayout:
         miss = [f'{self.root/tops[0]}/<study>/<series>/1-N.dcm ({what})' for what, f in (('cropped image', crop), ('ROI mask', mask)) if f is None]
         return crop, mask, miss
 
+# %% ../nbs/01a_mammo.ipynb #70c9dfc1
 class _CbisJpegLayout:
     "Layout (c): the Kaggle JPEG re-export, mapped through `csv/dicom_info.csv`."
     name = 'jpeg'
@@ -216,6 +222,7 @@ class _CbisJpegLayout:
 _PATHOLOGY_RANK = {'BENIGN_WITHOUT_CALLBACK': 0, 'BENIGN': 1, 'MALIGNANT': 2}
 CBIS_FILES = ('full', 'roi', 'mask')
 
+# %% ../nbs/01a_mammo.ipynb #59643b17
 def _find_cbis_csvs(root: Path, csv_dir, abnormality) -> dict:
     dirs = [Path(csv_dir).expanduser()] if csv_dir is not None else [root, root/'csv', root/'CBIS-DDSM', root/'CBIS-DDSM'/'csv', root.parent]
     found = {}
@@ -231,6 +238,7 @@ def _find_cbis_csvs(root: Path, csv_dir, abnormality) -> dict:
     if lack: warnings.warn(f'CBIS-DDSM: {lack} not found in {[str(d) for d in dirs]}; loading only {sorted(p.name for p in found.values())}')
     return found
 
+# %% ../nbs/01a_mammo.ipynb #ab3cbd4b
 def _cbis_layout(root: Path, csv_dir, layout: str, paths: list, header):
     nested = [root/'CBIS-DDSM', *sorted(root.glob('manifest-*/CBIS-DDSM'))]   # the NBIA retriever writes manifest-<id>/CBIS-DDSM/
     image_root = next((d for d in nested if d.is_dir()), root)
@@ -261,6 +269,7 @@ def _cbis_abnormality_record(r, full, crop, mask) -> dict:
         if isinstance(v, str) and v: lesion[c] = v
     return lesion
 
+# %% ../nbs/01a_mammo.ipynb #ecc987e9
 def _cbis_image_rows(abn: pd.DataFrame) -> list[dict]:
     "Group abnormality rows into one record per full mammogram."
     out = []
@@ -275,6 +284,7 @@ def _cbis_image_rows(abn: pd.DataFrame) -> list[dict]:
                         pathology=worst, n_abnormalities=len(g), view_id=first.view_id))
     return out
 
+# %% ../nbs/01a_mammo.ipynb #a4405332
 def load_cbis_ddsm(root, # the CBIS-DDSM folder (any of the three layouts)
                    csv_dir=None, # folder of the case-description CSVs; None: root, root/csv, root/CBIS-DDSM or root's parent
                    abnormality=('mass', 'calc'), # which CSV pairs to read: 'mass', 'calc' or both
@@ -289,11 +299,11 @@ def load_cbis_ddsm(root, # the CBIS-DDSM folder (any of the three layouts)
     root = Path(root).expanduser()
     if not root.is_dir(): raise DataError(f'CBIS-DDSM folder not found: {root}')
     abnormality = (abnormality,) if isinstance(abnormality, str) else tuple(abnormality)
-    for a in abnormality: _check_choice(a, ('mass', 'calc'), 'abnormality')
-    _check_choice(per, ('image', 'abnormality'), 'per'); _check_choice(layout, ('auto', 'csv', 'tcia', 'jpeg'), 'layout')
-    _check_choice(missing, MISSING_MODES, 'missing')
+    for a in abnormality: check_choice(a, ('mass', 'calc'), 'abnormality')
+    check_choice(per, ('image', 'abnormality'), 'per'); check_choice(layout, ('auto', 'csv', 'tcia', 'jpeg'), 'layout')
+    check_choice(missing, MISSING_MODES, 'missing')
     require = tuple(require) if require is not None else (('full',) if per == 'image' else CBIS_FILES)
-    for q in require: _check_choice(q, CBIS_FILES, 'require')
+    for q in require: check_choice(q, CBIS_FILES, 'require')
     csvs = _find_cbis_csvs(root, csv_dir, abnormality)
     abn = pd.concat([read_cbis_csv(p).assign(split=split) for (_, split), p in sorted(csvs.items())], ignore_index=True)
     cache = {}
@@ -340,10 +350,12 @@ DDSM_CASE_TYPES = ('normals', 'benigns', 'benign_without_callbacks', 'cancers')
 DDSM_VIEWS = ('LEFT_CC', 'LEFT_MLO', 'RIGHT_CC', 'RIGHT_MLO')
 DDSM_PATHOLOGY = {'MALIGNANT': 'malignant', 'BENIGN': 'benign', 'BENIGN_WITHOUT_CALLBACK': 'benign'}
 
+# %% ../nbs/01a_mammo.ipynb #19aef42d
 def _int_or_none(s):
     try: return int(s)
     except (TypeError, ValueError): return None
 
+# %% ../nbs/01a_mammo.ipynb #d4796835
 def read_ddsm_ics(path, # a DDSM `.ics` case header
                  ) -> dict:
     "Parse a DDSM `.ics` header: filename, age, density, digitizer and, per view, its size and whether it has an overlay."
@@ -371,6 +383,7 @@ def read_ddsm_ics(path, # a DDSM `.ics` case header
 # %% ../nbs/01a_mammo.ipynb #074185c7
 CHAIN_STEPS = np.array([(-1, 0), (-1, 1), (0, 1), (1, 1), (1, 0), (1, -1), (0, -1), (-1, -1)])  # (drow, dcol) of 0=N … 7=NW
 
+# %% ../nbs/01a_mammo.ipynb #4c181630
 def ddsm_chain_to_outline(x: int, # start column
                           y: int, # start row
                           chain, # the direction digits 0..7, as a string ('2244…') or a sequence
@@ -406,6 +419,7 @@ def ddsm_chain_to_mask(x: int, # start column
 # %% ../nbs/01a_mammo.ipynb #cc8e9d69
 _OVERLAY_KEYS = {'SHAPE': 'shape', 'MARGINS': 'margins', 'TYPE': 'calc_type', 'DISTRIBUTION': 'distribution'}
 
+# %% ../nbs/01a_mammo.ipynb #45d478e8
 def read_ddsm_overlay(path, # a DDSM `.OVERLAY` file
                      ) -> list[dict]:
     "Parse a DDSM `.OVERLAY`: one dict per abnormality with its lesion types, ratings, pathology and outlines."
@@ -451,17 +465,20 @@ def _ddsm_image(case_dir: Path, stems, view: str):
                 if n.lower() in names: return names[n.lower()]
     return None
 
+# %% ../nbs/01a_mammo.ipynb #eddf9ec8
 def _ddsm_overlay(case_dir: Path, stems, view: str):
     "The `.OVERLAY` (or gzipped `.OVERLAY.gz`) of `view`, case-insensitive."
     want = {f'{s}.{view}.overlay{gz}'.lower() for s in stems for gz in ('', '.gz')}
     return next((p for p in sorted(case_dir.iterdir()) if p.name.lower() in want), None)
 
+# %% ../nbs/01a_mammo.ipynb #3b9a2727
 def ddsm_lesion_mask(lesion: dict, # a lesion dict of a DDSM manifest row
                      shape: tuple, # (rows, cols) of the image
                     ) -> np.ndarray:
     "The boolean mask of a DDSM manifest lesion, at the size of its image."
     return ddsm_chain_to_mask(lesion['x'], lesion['y'], lesion['chain'], shape, lesion.get('scale', (1.0, 1.0)))
 
+# %% ../nbs/01a_mammo.ipynb #ab67de39
 def _ddsm_lesion(a: dict, scale) -> dict:
     "A manifest lesion from an overlay abnormality: type, ratings, pathology, bbox/centre in image pixels, the chain code."
     lt = a['lesion_types'][0] if a['lesion_types'] else {}
@@ -485,7 +502,7 @@ def load_ddsm(root, # the DDSM folder holding `cases/` (or `cases/` itself)
              ) -> pd.DataFrame:
     "Load the original DDSM case tree (PNG conversions beside the LJPEGs) into a manifest, normals included."
     if root is None: raise DataError('DDSM is not bundled: download the case tree, convert the LJPEGs to PNG, and pass its folder as root')
-    _check_choice(missing, MISSING_MODES, 'missing')
+    check_choice(missing, MISSING_MODES, 'missing')
     root = Path(root).expanduser(); cases = root/'cases' if (root/'cases').is_dir() else root
     if not cases.is_dir(): raise DataError(f'DDSM folder not found: {root}')
     ics_files = sorted(p for p in cases.rglob('*') if p.suffix.lower() == '.ics')
@@ -528,6 +545,7 @@ def load_ddsm(root, # the DDSM folder holding `cases/` (or `cases/` itself)
 # %% ../nbs/01a_mammo.ipynb #1e32ad80
 CMMD_CLASSES = {'benign': 'benign', 'malignant': 'malignant'}
 
+# %% ../nbs/01a_mammo.ipynb #47a7b933
 def read_cmmd_clinical(path, # CMMD_clinicaldata_revision.xlsx (or a CSV with the same columns)
                       ) -> pd.DataFrame:
     "Read the CMMD clinical spreadsheet: one row per (patient, breast), with a checked label."
@@ -548,6 +566,7 @@ def read_cmmd_clinical(path, # CMMD_clinicaldata_revision.xlsx (or a CSV with th
     if 'Age' in df: df['Age'] = pd.to_numeric(df['Age'], errors='coerce').astype('Int64')
     return df
 
+# %% ../nbs/01a_mammo.ipynb #047e9da5
 def _cmmd_find_clinical(root: Path):
     for d in (root, root.parent):
         for n in ('CMMD_clinicaldata_revision.xlsx', 'CMMD_clinicaldata_revision.csv'):
@@ -563,7 +582,7 @@ def load_cmmd(root, # the CMMD DICOM folder (patient folders D1-0001, … inside
              ) -> pd.DataFrame:
     "Load CMMD: its DICOM tree matched to the clinical spreadsheet by patient and laterality."
     if root is None: raise DataError('CMMD is not bundled: download it from TCIA and pass its folder as root')
-    _check_choice(unmatched, ('drop', 'error'), 'unmatched'); _check_choice(missing, MISSING_MODES, 'missing')
+    check_choice(unmatched, ('drop', 'error'), 'unmatched'); check_choice(missing, MISSING_MODES, 'missing')
     root = Path(root).expanduser()
     if not root.is_dir(): raise DataError(f'CMMD folder not found: {root}')
     clinical = read_cmmd_clinical(clinical_xlsx if clinical_xlsx is not None else _cmmd_find_clinical(root))

@@ -9,19 +9,20 @@ import numpy as np, pandas as pd
 from scipy import sparse, stats
 from sklearn import metrics as skm
 from .core import DataError, ConfigError, get_logger
+from .config import check_choice, choices
 from .data import LABELS
 
 # %% auto #0
-__all__ = ['BINARY_METRICS', 'MIN_PATIENTS', 'MIN_PER_CLASS', 'AGGREGATIONS', 'bootstrap_weights', 'degenerate_interval',
-           'format_ci', 'markdown_table', 'Metrics', 'binary_metrics', 'sample_size_note', 'multiclass_metrics',
-           'delong_covariance', 'AUCComparison', 'compare_auc', 'metrics_table', 'choose_threshold', 'breast_side',
-           'aggregate_breasts']
+__all__ = ['BINARY_METRICS', 'MIN_PATIENTS', 'MIN_PER_CLASS', 'AGGREGATIONS', 'group_codes', 'bootstrap_weights',
+           'degenerate_interval', 'format_ci', 'markdown_table', 'Metrics', 'binary_metrics', 'sample_size_note',
+           'multiclass_metrics', 'delong_covariance', 'AUCComparison', 'compare_auc', 'metrics_table',
+           'choose_threshold', 'breast_side', 'aggregate_breasts']
 
 # %% ../nbs/05a_metrics.ipynb #dbf09b6f
 _log = get_logger('metrics')
 
 # %% ../nbs/05a_metrics.ipynb #08e5eedb
-def _group_codes(groups, n: int) -> tuple[np.ndarray, int]:
+def group_codes(groups, n: int) -> tuple[np.ndarray, int]:
     "Integer code per item for `groups` (None = every item its own group)."
     if groups is None: return np.arange(n), n
     g = pd.Series(np.asarray(groups, dtype=object))
@@ -209,7 +210,7 @@ def binary_metrics(y_true, # true class per case: bool or 0/1 (1 = positive: abn
     "Accuracy, sensitivity, specificity, precision, F1, balanced accuracy, ROC and PR AUC, with patient-bootstrap CIs."
     y = _as_binary(y_true); s = _check_scores(y_score, len(y))
     pred = s >= threshold if y_pred is None else _as_binary(y_pred, 'y_pred')
-    codes, G = _group_codes(groups, len(y))
+    codes, G = group_codes(groups, len(y))
     two = y.any() and (~y).any()
     if not two: _log.warning(f"{title or 'binary_metrics'}: only one class in y_true; AUCs and one of sensitivity/specificity are undefined")
     cm = skm.confusion_matrix(y, pred, labels=[False, True])
@@ -300,7 +301,7 @@ def multiclass_metrics(y_true, # true class name per case
     for name, v in (('y_true', yt), ('y_pred', yp)):
         bad = sorted(set(map(str, v)) - set(labels))
         if bad: raise DataError(f"{name} holds labels {bad} that are not in labels={labels}")
-    codes, G = _group_codes(groups, len(yt))
+    codes, G = group_codes(groups, len(yt))
     ti, pi = pd.Categorical(yt, labels).codes, pd.Categorical(yp, labels).codes
     C = len(labels)
     cm = skm.confusion_matrix(yt, yp, labels=labels)
@@ -343,7 +344,7 @@ def delong_covariance(y_true, # true class per case (bool or 0/1)
     v10, v01 = (tz[:, :m] - tx) / n, 1 - (tz[:, m:] - ty) / m
     if groups is None:
         return aucs, np.atleast_2d(np.cov(v10)) / m + np.atleast_2d(np.cov(v01)) / n
-    codes, I = _group_codes(groups, len(y))
+    codes, I = group_codes(groups, len(y))
     if I < 2: raise DataError("clustered DeLong needs at least 2 patients")
     cp, cn = codes[y], codes[~y]    # Obuchowski: per-patient sums of placement values, centred on (count × AUC)
     a = np.stack([np.bincount(cp, v, I) for v in v10]) - np.bincount(cp, minlength=I) * aucs[:, None]
@@ -377,14 +378,14 @@ def compare_auc(y_true, # true class per case (bool or 0/1)
                ) -> AUCComparison:
     "Paired test of ΔAUC = AUC(A) − AUC(B) on the same cases: DeLong or a paired patient bootstrap."
     y = _as_binary(y_true); a, b = _check_scores(score_a, len(y), 'score_a'), _check_scores(score_b, len(y), 'score_b')
-    codes, G = _group_codes(groups, len(y))
+    codes, G = group_codes(groups, len(y))
     z = stats.norm.ppf(0.5 + ci / 2)
     if method == 'delong':
         aucs, cov = delong_covariance(y, np.vstack([a, b]), None if G == len(y) else groups)
         d = aucs[0] - aucs[1]; se = math.sqrt(max(cov[0, 0] + cov[1, 1] - 2 * cov[0, 1], 0.0))
         p = 2 * stats.norm.sf(abs(d) / se) if se > 0 else (1.0 if d == 0 else 0.0)
         return AUCComparison(aucs[0], aucs[1], d, d - z * se, d + z * se, float(p), 'delong', len(y), G, 0, 0, ci)
-    if method != 'bootstrap': raise ConfigError(f"compare_auc: method={method!r} is unknown; use 'delong' or 'bootstrap'")
+    check_choice(method, ('delong', 'bootstrap'), 'method')
     auc_a, auc_b = skm.roc_auc_score(y, a), skm.roc_auc_score(y, b)
     ra, rb, deltas, skipped = _RankCurves(y, a, codes, G), _RankCurves(y, b, codes, G), [], 0
     for W in bootstrap_weights(G, n_boot, seed):
@@ -414,7 +415,7 @@ def choose_threshold(y_true, # 0/1 labels of the validation rows
                     ) -> float:
     "A decision threshold from validation predictions: Youden's J, or the largest one reaching a target sensitivity."
     from sklearn.metrics import roc_curve
-    if rule not in ('youden', 'sensitivity'): raise ConfigError(f"threshold rule must be 'youden' or 'sensitivity', got {rule!r}")
+    check_choice(rule, 'thresholds.rule', 'rule')
     y, p = np.asarray(y_true).astype(int), np.asarray(p, dtype=float)
     if len(np.unique(y)) < 2:
         _log.warning(f'threshold: validation data has one class only ({len(y)} rows); keeping 0.5')
@@ -426,7 +427,7 @@ def choose_threshold(y_true, # 0/1 labels of the validation rows
     return float(thr[i])
 
 # %% ../nbs/05a_metrics.ipynb #e80289be
-AGGREGATIONS = ('mean', 'max')   # how views make a breast (config: evaluate.breast_aggregation)
+AGGREGATIONS = choices('evaluate.breast_aggregation')  # 'mean' or 'max': how views make a breast
 
 # %% ../nbs/05a_metrics.ipynb #1c94e523
 def breast_side(images: pd.DataFrame, # one row per image: `laterality`, else `image_id`
@@ -443,8 +444,7 @@ def aggregate_breasts(images: pd.DataFrame, # one row per image: patient_id, lat
                       truth: str|None = None, # a boolean column: `y_true` is True when any view's is
                      ) -> pd.DataFrame:
     "One row per breast (or patient): patient_id, laterality, n_images, views, the aggregated scores (and y_true)."
-    if aggregation not in AGGREGATIONS: raise ConfigError(f"aggregation={aggregation!r} is unknown: use 'mean' or 'max' (evaluate.breast_aggregation)")
-    if unit not in ('breast', 'patient'): raise ConfigError(f"unit={unit!r} is unknown: use 'breast' or 'patient'")
+    check_choice(aggregation, 'evaluate.breast_aggregation', 'aggregation'); check_choice(unit, ('breast', 'patient'), 'unit')
     scores = [scores] if isinstance(scores, str) else list(scores)
     t = pd.DataFrame({'patient_id': images['patient_id'].astype(str).to_numpy(), 'laterality': breast_side(images).to_numpy(),
                       'view': (images['view'] if 'view' in images else pd.Series('', index=images.index)).fillna('').astype(str).to_numpy(),

@@ -14,20 +14,21 @@ import keras
 import tensorflow as tf
 from keras import ops
 from .core import ConfigError, WeightsUnavailableError, get_logger
+from .config import check_choice, choices
 
 # %% auto #0
-__all__ = ['BACKBONES', 'HEADS', 'CyclicalLearningRate', 'TriangularCyclicalLearningRate', 'Triangular2CyclicalLearningRate',
-           'ExponentialCyclicalLearningRate', 'Specificity', 'default_metrics', 'Backbone', 'get_backbone_spec',
-           'BackbonePreprocess', 'keras_cache_dir', 'network_reachable', 'resolve_weights', 'add_head', 'get_backbone',
-           'backbone_blocks', 'set_trainable_blocks', 'unfreeze_top_blocks', 'use_mixed_precision', 'build_model',
-           'build_resnet50', 'refresh_batchnorm', 'compile_model', 'LRFinderResult', 'lr_find', 'fine_tune_phases',
-           'fit_phases', 'fine_tune', 'small_cnn']
+__all__ = ['CLR_MODES', 'BACKBONES', 'HEADS', 'CyclicalLearningRate', 'TriangularCyclicalLearningRate',
+           'Triangular2CyclicalLearningRate', 'ExponentialCyclicalLearningRate', 'Specificity', 'default_metrics',
+           'Backbone', 'get_backbone_spec', 'BackbonePreprocess', 'keras_cache_dir', 'network_reachable',
+           'resolve_weights', 'add_head', 'get_backbone', 'backbone_blocks', 'set_trainable_blocks',
+           'unfreeze_top_blocks', 'use_mixed_precision', 'build_model', 'build_resnet50', 'refresh_batchnorm',
+           'compile_model', 'LRFinderResult', 'lr_find', 'fine_tune_phases', 'fit_phases', 'fine_tune', 'small_cnn']
 
 # %% ../nbs/03_model.ipynb #d1b3622a
 _log = get_logger('model')
 
 # %% ../nbs/03_model.ipynb #4f033416
-_CLR_MODES = ('cycle', 'iterations')
+_SCALE_MODES = ('cycle', 'iterations')
 
 @keras.saving.register_keras_serializable(package='breast_cancer')
 class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
@@ -41,8 +42,7 @@ class CyclicalLearningRate(keras.optimizers.schedules.LearningRateSchedule):
                  name: str|None = None, # name scope, as in TFA
                 ):
         super().__init__()
-        if scale_mode not in _CLR_MODES:
-            raise ConfigError(f"scale_mode={scale_mode!r}: use one of {_CLR_MODES}")
+        check_choice(scale_mode, _SCALE_MODES, 'scale_mode')
         if not float(step_size) > 0: raise ConfigError(f"step_size={step_size!r}: must be a positive number of iterations")
         self.initial_learning_rate, self.maximal_learning_rate = initial_learning_rate, maximal_learning_rate
         self.step_size, self.scale_mode, self.name = step_size, scale_mode, name
@@ -83,6 +83,7 @@ class TriangularCyclicalLearningRate(CyclicalLearningRate):
 
     def get_config(self): return self._base_config()
 
+# %% ../nbs/03_model.ipynb #618aac20
 @keras.saving.register_keras_serializable(package='breast_cancer')
 class Triangular2CyclicalLearningRate(CyclicalLearningRate):
     "Triangular2 policy: the amplitude halves every cycle (`scale_fn(x) = 1 / 2**(x - 1)`)."
@@ -93,6 +94,7 @@ class Triangular2CyclicalLearningRate(CyclicalLearningRate):
 
     def get_config(self): return self._base_config()
 
+# %% ../nbs/03_model.ipynb #bf888174
 @keras.saving.register_keras_serializable(package='breast_cancer')
 class ExponentialCyclicalLearningRate(CyclicalLearningRate):
     "Exp-range policy: the amplitude decays as `gamma**step`."
@@ -104,6 +106,11 @@ class ExponentialCyclicalLearningRate(CyclicalLearningRate):
                          scale_fn=lambda x: gamma ** x, scale_mode=scale_mode, name=name)
 
     def get_config(self): return {**self._base_config(), 'gamma': self.gamma}
+
+# %% ../nbs/03_model.ipynb #bb70a897
+_CLR_POLICY = {'triangular': TriangularCyclicalLearningRate, 'triangular2': Triangular2CyclicalLearningRate,
+               'exp_range': ExponentialCyclicalLearningRate}
+CLR_MODES = {mode: _CLR_POLICY[mode] for mode in choices('train.clr.mode')}  # config `train.clr.mode` -> its schedule class
 
 # %% ../nbs/03_model.ipynb #a8260b6f
 @keras.saving.register_keras_serializable(package='breast_cancer')
@@ -130,6 +137,7 @@ class Specificity(keras.metrics.Metric):
 
     def get_config(self): return {**super().get_config(), 'threshold': self.threshold}
 
+# %% ../nbs/03_model.ipynb #2354a778
 def default_metrics(n_classes: int = 1, # 1 = one sigmoid unit (binary); more = softmax over classes
                    ) -> list:
     "Fresh metric objects: accuracy, AUC, precision, sensitivity, specificity (binary) or accuracy (multi-class)."
@@ -143,8 +151,9 @@ class Backbone:
     "How to build one Keras application backbone and find its pretrained weights."
     name: str; app: str; module: str; default_size: int; min_size: int; weights_file: str; weights_url: str; weights_md5: str
 
+# %% ../nbs/03_model.ipynb #0d0f02d3
 _KA = 'https://storage.googleapis.com/tensorflow/keras-applications/'
-BACKBONES = {b.name: b for b in [
+_BACKBONE_SPECS = {b.name: b for b in [
     Backbone('resnet50', 'ResNet50', 'resnet50', 224, 32, 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5',
              _KA + 'resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5', '4d473c1dd8becc155b73f8504c6f6626'),
     Backbone('vgg16', 'VGG16', 'vgg16', 224, 32, 'vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5',
@@ -153,11 +162,11 @@ BACKBONES = {b.name: b for b in [
              _KA + 'vgg19/vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5', '253f8cb515780f3b799900260a226db6'),
     Backbone('inception_v3', 'InceptionV3', 'inception_v3', 299, 75, 'inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5',
              _KA + 'inception_v3/inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5', 'bcbd6486424b2319ff4ef7d526e38f63')]}
+BACKBONES = {name: _BACKBONE_SPECS[name] for name in choices('model.backbone')}  # the schema's backbones, each with its record
 
 def get_backbone_spec(name: str) -> Backbone:
     "The `Backbone` record for `name`, or a `ConfigError` listing the choices."
-    if name not in BACKBONES: raise ConfigError(f"unknown backbone {name!r}: use one of {sorted(BACKBONES)}")
-    return BACKBONES[name]
+    return BACKBONES[check_choice(name, 'model.backbone', 'backbone')]
 
 # %% ../nbs/03_model.ipynb #f27cf9c8
 @keras.saving.register_keras_serializable(package='breast_cancer')
@@ -190,11 +199,13 @@ def keras_cache_dir() -> Path:
         except Exception: home = os.path.join(os.path.expanduser('~'), '.keras')
     return Path(home).expanduser()/'models'
 
+# %% ../nbs/03_model.ipynb #00184a93
 def _probe_address(url: str) -> tuple[str, int]:
     proxy = os.environ.get('HTTPS_PROXY') or os.environ.get('https_proxy')
     u = urlparse(proxy if proxy else url)
     return u.hostname, u.port or (443 if u.scheme == 'https' else 80)
 
+# %% ../nbs/03_model.ipynb #3690e102
 def network_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     "Whether a TCP connection to `host:port` opens within `timeout` seconds (DNS included)."
     ok = []
@@ -205,11 +216,13 @@ def network_reachable(host: str, port: int = 443, timeout: float = 3.0) -> bool:
     t = threading.Thread(target=probe, daemon=True); t.start(); t.join(timeout)
     return bool(ok)
 
+# %% ../nbs/03_model.ipynb #7925c872
 def _weights_message(spec: Backbone, why: str) -> str:
     return (f"ImageNet weights for {spec.name} are not available ({why}). Download {spec.weights_file} from "
             f"{spec.weights_url} and put it in {keras_cache_dir()}/ (set KERAS_HOME to move that folder), "
             f"or pass weights='/path/to/{spec.weights_file}'.")
 
+# %% ../nbs/03_model.ipynb #c001d965
 def resolve_weights(name: str, # a key of `BACKBONES`
                     weights: str|os.PathLike|None = 'imagenet', # 'imagenet', None, or the path of a weights file
                     timeout: float = 3.0, # seconds to wait for the network probe
@@ -239,7 +252,7 @@ def resolve_weights(name: str, # a key of `BACKBONES`
     return str(path)
 
 # %% ../nbs/03_model.ipynb #634a8303
-HEADS = ('gap', 'avgpool_dense', 'dense512_bn')
+HEADS = choices('model.head')  # 'gap', 'avgpool_dense' or 'dense512_bn'
 _HEAD_DEFAULTS = {'gap': (0.0, None), 'avgpool_dense': (0.5, 256), 'dense512_bn': (0.5, 512)}
 
 def add_head(features, # the backbone's feature map (a symbolic tensor)
@@ -249,7 +262,7 @@ def add_head(features, # the backbone's feature map (a symbolic tensor)
              dense_units: int|None = None, # width of the hidden Dense layer; None = the head's default
             ):
     "Put one of the papers' classification heads on a feature map; returns the output tensor."
-    if head not in HEADS: raise ConfigError(f"unknown head {head!r}: use one of {HEADS}")
+    check_choice(head, 'model.head', 'head')
     if int(n_classes) < 1: raise ConfigError(f"n_classes={n_classes!r}: must be 1 (sigmoid) or more (softmax)")
     d_default, u_default = _HEAD_DEFAULTS[head]
     dropout = d_default if dropout is None else float(dropout)
@@ -277,6 +290,7 @@ def get_backbone(model: keras.Model) -> keras.Model:
     raise ConfigError(f"model {model.name!r} has no backbone sub-model named one of {sorted(BACKBONES)}: "
                       "was it built with build_model?")
 
+# %% ../nbs/03_model.ipynb #747b41be
 def backbone_blocks(backbone: keras.Model) -> list[tuple[str, list]]:
     "The backbone's blocks bottom-to-top as `(block_name, layers)`; the stem is excluded (see the table above)."
     name, blocks = backbone.name, {}
@@ -293,8 +307,10 @@ def backbone_blocks(backbone: keras.Model) -> list[tuple[str, list]]:
         if m: blocks.setdefault(m.group(1), []).append(layer)
     return list(blocks.items())
 
+# %% ../nbs/03_model.ipynb #b18a62d4
 def _is_bn(layer): return isinstance(layer, keras.layers.BatchNormalization)
 
+# %% ../nbs/03_model.ipynb #d0e6479b
 def set_trainable_blocks(model: keras.Model, # a model from `build_model`
                          n: int|str, # number of top blocks to train; 'base' (= 0) or 'none' (every block)
                          train_bn: bool = False, # BatchNorm of trained blocks trains too (random init); False keeps it frozen (pretrained)
@@ -319,6 +335,7 @@ def set_trainable_blocks(model: keras.Model, # a model from `build_model`
         for layer in layers: layer.trainable = train_bn or not _is_bn(layer)
     return [b for b, _ in blocks[len(blocks) - n:]][::-1]
 
+# %% ../nbs/03_model.ipynb #96746c1c
 def unfreeze_top_blocks(model: keras.Model, n: int, train_bn: bool = False) -> list[str]:
     "Phase two of fine-tuning: train the top `n` backbone blocks (BatchNorm frozen unless `train_bn`); returns their names."
     return set_trainable_blocks(model, int(n), train_bn)
@@ -332,9 +349,11 @@ def use_mixed_precision(enable: bool = True, # False restores the float32 policy
     keras.mixed_precision.set_global_policy(policy)
     return policy
 
+# %% ../nbs/03_model.ipynb #3602893b
 def _scope(strategy):
     return strategy.scope() if strategy is not None else contextlib.nullcontext()
 
+# %% ../nbs/03_model.ipynb #a2d64611
 def build_model(name: str = 'resnet50', # backbone: 'resnet50', 'vgg16', 'vgg19' or 'inception_v3'
                 input_shape: tuple|None = None, # (H, W, C) with C = 1 or 3; None = the backbone's default size, RGB
                 weights: str|os.PathLike|None = 'imagenet', # 'imagenet', None, or the path of a notop weights file
@@ -379,6 +398,7 @@ def build_model(name: str = 'resnet50', # backbone: 'resnet50', 'vgg16', 'vgg19'
         set_trainable_blocks(model, freeze, train_bn=not pretrained)
     return model
 
+# %% ../nbs/03_model.ipynb #1502b74e
 def build_resnet50(input_shape: tuple = (224, 224, 3), # (H, W, 1) greyscale or (H, W, 3) RGB
                    weights: str|os.PathLike|None = 'imagenet', # 'imagenet', None, or a weights file path
                    head: str = 'gap', # 'gap' (thesis), 'avgpool_dense' (NLPCV), 'dense512_bn' (comparative study)
@@ -396,6 +416,7 @@ def _bn_layers(layer):
         if _is_bn(sub): yield sub
         else: yield from _bn_layers(sub)
 
+# %% ../nbs/03_model.ipynb #02c466fb
 def refresh_batchnorm(model: keras.Model, # a model whose trainable BatchNorm layers ran in training mode
                       batches, # iterable of image batches or (images, labels) pairs, e.g. training images unaugmented
                       max_batches: int = 32, # at most this many batches are averaged
@@ -425,8 +446,7 @@ def compile_model(model: keras.Model,
                  ) -> keras.Model:
     "Compile a `build_model` model with the thesis defaults; returns the model."
     n_classes = int(model.output_shape[-1])
-    if isinstance(optimizer, str) and optimizer.lower() not in ('sgd', 'adam'):
-        raise ConfigError(f"optimizer={optimizer!r}: use 'sgd', 'adam' or a keras.optimizers.Optimizer")
+    if isinstance(optimizer, str): check_choice(optimizer.lower(), 'train.optimizer', 'optimizer')   # or a keras Optimizer
     if loss is None: loss = 'binary_crossentropy' if n_classes == 1 else 'sparse_categorical_crossentropy'
     if strategy is None: strategy = getattr(model, 'distribute_strategy', None)
     with _scope(strategy):   # optimizers and metrics create variables: they must belong to the model's strategy
@@ -472,12 +492,14 @@ def _batches(dataset, batch_size):
                     .batch(batch_size).repeat())
     raise ConfigError("dataset: pass a tf.data.Dataset of (images, labels) batches or a tuple (images, labels) of arrays")
 
+# %% ../nbs/03_model.ipynb #b73e1ac7
 def _optimizer_copy(optimizer, lr):
     if optimizer is None: return keras.optimizers.SGD(learning_rate=lr, momentum=0.9)
     if isinstance(optimizer, keras.optimizers.LossScaleOptimizer): optimizer = optimizer.inner_optimizer
     config = {**optimizer.get_config(), 'learning_rate': float(lr)}
     return type(optimizer).from_config(config)
 
+# %% ../nbs/03_model.ipynb #78f4816b
 def lr_find(model: keras.Model, # a compiled model (its loss and optimizer type are used); it is not modified
             dataset, # tf.data.Dataset of (images, labels) batches, or a tuple (images, labels) of arrays
             min_lr: float = 1e-7, # first learning rate

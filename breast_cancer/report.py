@@ -15,6 +15,8 @@ from .core import (BreastCancerError, ConfigError, DataError, atomic_write_text,
                    get_logger, package_dir, path_inside, reports_dir, sample_dir)
 from .config import config_path
 from .data import DATASETS as _REGISTRY
+from .rundir import RunDir
+
 
 # %% auto #0
 __all__ = ['DATASETS', 'PUBLISHED_METRICS', 'REPORTED', 'STAGE_METRICS', 'published_results', 'report_setup', 'show_figure',
@@ -214,13 +216,17 @@ def execute_notebook(template: str|Path, # template name or notebook path
     finally: shutil.rmtree(tmp, ignore_errors=True)
 
 # %% ../nbs/07_report.ipynb #ec78af6e
+def _triple_from_dict(v: dict) -> tuple:
+    "(value, lo, hi) from a dict in any of the spellings metrics.json files use."
+    lo, hi = v.get('lo', v.get('ci_low')), v.get('hi', v.get('ci_high'))
+    if lo is None and 'ci' in v: lo, hi = v['ci']
+    return v.get('value', v.get('estimate', v.get('point'))), lo, hi
+
+# %% ../nbs/07_report.ipynb #79acc15b
 def _triple(v) -> dict|None:
     "A metric as {'value', 'lo', 'hi'} from a number, a (value, lo, hi) triple or a dict with those keys."
     if v is None: return None
-    if isinstance(v, dict):
-        value = v.get('value', v.get('estimate', v.get('point')))
-        lo, hi = v.get('lo', v.get('ci_low')), v.get('hi', v.get('ci_high'))
-        if lo is None and 'ci' in v: lo, hi = v['ci']
+    if isinstance(v, dict): value, lo, hi = _triple_from_dict(v)
     elif isinstance(v, (tuple, list)): value, lo, hi = (list(v) + [None, None])[:3]
     else: value, lo, hi = v, None, None
     f = lambda x: None if x is None or pd.isna(x) else float(x)
@@ -544,23 +550,28 @@ def demo_notice(config, # the Config the report ran with
             f'Demo run, not a result: {c.model.backbone} with {init}, {c.data.image_size} px images, {steps}, on {what}. '
             'Its figures are near chance by design: it shows the pipeline working end to end, not the method\'s accuracy.</div>')
 
-# %% ../nbs/07_report.ipynb #c59335a4
-def reproducibility_block(run_dir, # a run folder (metadata.json, config.yaml, predictions.csv)
-                         ) -> str:
-    "Markdown: git commit, config and manifest hashes, packages, hardware, seeds, wall time and the predictions file of a run."
-    import yaml
-    run_dir = Path(run_dir)
-    meta = json.loads((run_dir/'metadata.json').read_text()) if (run_dir/'metadata.json').exists() else {}
-    cfg = yaml.safe_load((run_dir/'config.yaml').read_text()) if (run_dir/'config.yaml').exists() else {}
+# %% ../nbs/07_report.ipynb #70763f19
+def _machine_facts(meta: dict, # a run's metadata (`RunDir.read_metadata`)
+                  ) -> list[tuple[str, str]]:
+    "The rows of the reproducibility block on where and how long the run ran: wall time, hardware, packages."
     hw = meta.get('hardware') or {}
     pk = ', '.join(f'{k} {v}' for k, v in (meta.get('packages') or {}).items() if v)
-    pred = run_dir/'predictions.csv'
+    return [('wall time', f"{meta.get('wall_time_s', '?')} s (created {meta.get('created', '?')})"),
+            ('hardware', f"{hw.get('platform', '?')}, Python {hw.get('python', '?')}, {hw.get('cpu_count', '?')} CPUs, GPUs: {', '.join(hw.get('gpus') or []) or 'none'}"),
+            ('packages', pk or '?')]
+
+# %% ../nbs/07_report.ipynb #c59335a4
+def reproducibility_block(run_dir, # a run folder: its metadata, config and test predictions, read through `RunDir`
+                         ) -> str:
+    "Markdown: git commit, config and manifest hashes, packages, hardware, seeds, wall time and the predictions file of a run."
+    run = RunDir(run_dir)
+    meta = run.read_metadata()
+    cfg = run.read_config() if run.exists() else {}
+    pred = run.predictions_file('test')
     rows = [('git commit', f"`{meta.get('git_commit') or 'unknown (not a git checkout)'}`"),
-            ('config hash', f"`{meta.get('config_hash', '?')}` (`{run_dir/'config.yaml'}`)"),
+            ('config hash', f"`{meta.get('config_hash', '?')}` (`{run.config_file}`)"),
             ('manifest hash', f"`{meta.get('manifest_hash', '?')}` ({meta.get('n_images', '?')} images, labels {meta.get('label_counts', {})})"),
             ('seeds', f"run seed {cfg.get('seed', '?')}; deterministic ops {(cfg.get('train') or {}).get('deterministic', '?')}"),
-            ('wall time', f"{meta.get('wall_time_s', '?')} s (created {meta.get('created', '?')})"),
-            ('hardware', f"{hw.get('platform', '?')}, Python {hw.get('python', '?')}, {hw.get('cpu_count', '?')} CPUs, GPUs: {', '.join(hw.get('gpus') or []) or 'none'}"),
-            ('packages', pk or '?'),
+            *_machine_facts(meta),
             ('predictions', f"[{pred}]({pred.resolve().as_uri()})" if pred.exists() else 'not written')]
     return markdown_table(pd.DataFrame(rows, columns=['', '']))

@@ -87,9 +87,6 @@ def read_config(self: ModelDir) -> Config:
     "The config the cascade was trained with."
     return load_config(self.config_file)
 
-# %% ../nbs/00b_rundir.ipynb #55ad1220
-PREDICTION_FILES = {'test': 'predictions.csv', 'oof': 'oof_predictions.csv'}  # which predictions: held-out test, or out-of-fold
-
 # %% ../nbs/00b_rundir.ipynb #bd47ed62
 def _check_stage(name: str) -> str:
     if name not in STAGES: raise DataError(f"unknown stage {name!r}: a run has {', '.join(STAGES)}")
@@ -104,6 +101,7 @@ class RunDir:
     config_file = property(lambda self: self.path/'config.yaml')
     metadata_file = property(lambda self: self.path/'metadata.json')
     split_file = property(lambda self: self.path/'split.csv')
+    summary_file = property(lambda self: self.path/'summary.csv')
     model_card_file = property(lambda self: self.path/'MODEL_CARD.md')
     cascade = property(lambda self: ModelDir(self.path/'cascade'))
     def stage(self, name: str) -> StageDir: return StageDir(self.path/_check_stage(name))
@@ -115,6 +113,12 @@ class RunDir:
 def named(cls: RunDir, name: str) -> RunDir:
     "The run folder `runs_dir()/name`; the name must be a plain file name."
     return cls(runs_dir()/check_name(name, 'run name'))
+
+# %% ../nbs/00b_rundir.ipynb #96515dc6
+@patch
+def fold(self: RunDir, k: int) -> RunDir:
+    "The run folder of cross-validation fold `k`: `cv/fold<k>`."
+    return RunDir(self.path/'cv'/f'fold{int(k)}')
 
 # %% ../nbs/00b_rundir.ipynb #17fa502a
 @patch
@@ -173,6 +177,9 @@ def write_split(self: RunDir, split: pd.DataFrame) -> Path:
     "Store which patient went where."
     return _write_table(split, self.split_file)
 
+# %% ../nbs/00b_rundir.ipynb #55ad1220
+PREDICTION_FILES = {'test': 'predictions.csv', 'oof': 'oof_predictions.csv'}  # which predictions: held-out test, or out-of-fold
+
 # %% ../nbs/00b_rundir.ipynb #47845122
 @patch
 def predictions_file(self: RunDir, which: str = 'test') -> Path:
@@ -193,6 +200,29 @@ def read_predictions(self: RunDir, which: str = 'test') -> pd.DataFrame:
 def write_predictions(self: RunDir, predictions: pd.DataFrame, which: str = 'test') -> Path:
     "Store one kind of predictions, atomically."
     return _write_table(predictions, self.predictions_file(which))
+
+# %% ../nbs/00b_rundir.ipynb #c6ccab79
+@patch
+def write_summary(self: RunDir, summary: pd.DataFrame) -> Path:
+    "Store the point-metrics summary of the test predictions as `summary.csv`."
+    with atomic_path(self.summary_file) as tmp: summary.to_csv(tmp)
+    return self.summary_file
+
+# %% ../nbs/00b_rundir.ipynb #92e65635
+@patch
+def read_summary(self: RunDir) -> pd.DataFrame:
+    "`summary.csv`, indexed by evaluation."
+    if not self.summary_file.exists(): raise DataError(f'{self.summary_file}: no summary in this run folder (run_from_config writes it)')
+    return pd.read_csv(self.summary_file, index_col=0)
+
+# %% ../nbs/00b_rundir.ipynb #c1948bdf
+@patch
+def metrics_file(self: RunDir, which: str = 'test', # 'test' or 'oof' (or the predictions' file name)
+                 suffix: str = '.csv', # '.csv' or '.md'
+                ) -> Path:
+    "Where `evaluate.evaluate_run` writes the evaluation of one kind of predictions."
+    stem = self.predictions_file(which).stem.replace('predictions', 'metrics')
+    return self.path/f'{stem}{suffix}'
 
 # %% ../nbs/00b_rundir.ipynb #ea727696
 @patch

@@ -8,11 +8,12 @@ import datetime, json, math, os, platform, subprocess
 from pathlib import Path
 import numpy as np, pandas as pd
 import keras
-from .core import (ConfigError, DataError, TrainingError, atomic_path, atomic_write_text, config_hash,
-                                folder_lock, get_logger, moved_names, path_inside, project_root, runs_dir,
-                                seed_everything)
+from .core import (ConfigError, DataError, TrainingError, atomic_write_text, config_hash,
+                                get_logger, moved_names, path_inside, project_root, runs_dir, seed_everything)
 from . import data as bc_data
 from .config import SCHEMA, Config, load_config  # re-exported: they lived here before the config module
+from .config import need_config
+from .rundir import STAGES, RunDir, StageDir
 from .distribute import (  # re-exported: they lived here before the distribute module
     strategy_kind, distribute_strategy, distribute_scope, split_cpu, global_batch_size, lr_factor,
     distribute_info, is_chief, worker_run_dir, from_chief, sync_from_chief, weights_checksum, fit_distributed,
@@ -41,9 +42,10 @@ __getattr__ = moved_names('breast_cancer.train', {'learnability': 'bench', 'FROM
                                              'bench_pipeline': 'bench', 'bench_distribute': 'bench'})
 
 # %% ../nbs/04_train.ipynb #29826dc8
-def load_manifest(config) -> pd.DataFrame:
+def load_manifest(config: Config, # a resolved Config (load_config)
+                 ) -> pd.DataFrame:
     "The manifest a config describes: its datasets concatenated, normals dropped in binary mode, optionally subsampled."
-    c = load_config(config)
+    c = need_config(config, 'load_manifest')
     frames = [bc_data.load_dataset(d['name'], d['root'], **d['options']) for d in c.datasets]
     m = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
     if c.task == 'binary': m = m[m['label'] != 'normal'].reset_index(drop=True)
@@ -55,41 +57,46 @@ def load_manifest(config) -> pd.DataFrame:
     return m
 
 # %% ../nbs/04_train.ipynb #37d8a673
-def wavelet_preprocessor(config):
+def wavelet_preprocessor(config: Config, # a resolved Config (load_config)
+                        ):
     "The run's `WaveletPreprocessor`, or `None` when `wavelet: null`."
-    d = load_config(config).wavelet
+    d = need_config(config, 'wavelet_preprocessor').wavelet
     if d is None: return None
     from breast_cancer.wavelet import WaveletPreprocessor
     return WaveletPreprocessor.from_dict(d)
 
 # %% ../nbs/04_train.ipynb #c72899d5
-def image_transform(config):
+def image_transform(config: Config, # a resolved Config (load_config)
+                   ):
     "The cache transform of a run: stain normalization (histopathology, optional) then wavelet preprocessing, or None."
     from breast_cancer.wavelet import StainNormalizer, chain_transforms
-    c = load_config(config)
+    c = need_config(config, 'image_transform')
     return chain_transforms(StainNormalizer.from_dict(c.stain) if c.stain is not None else None, wavelet_preprocessor(c))
 
 # %% ../nbs/04_train.ipynb #f6b830ba
-def _cache_size(config):
-    c = load_config(config)
+def _cache_size(c: Config):
+    "The size the cache stores: `data.cache_size`, else the model input (whole images) or the source size (ROI mode)."
     if c.data.cache_size is not None: return c.data.cache_size
     return None if c.data.input == 'roi' else c.data.image_size
 
-def _has_roi_file(manifest, config) -> np.ndarray:
+# %% ../nbs/04_train.ipynb #9682d048
+def _has_roi_file(manifest, c: Config) -> np.ndarray:
     "Rows whose ROI is a file of its own (CBIS-DDSM `roi_path`), used whole in ROI mode."
-    if load_config(config).data.input != 'roi' or 'roi_path' not in manifest: return np.zeros(len(manifest), bool)
+    if c.data.input != 'roi' or 'roi_path' not in manifest: return np.zeros(len(manifest), bool)
     return manifest['roi_path'].notna().to_numpy() & (manifest['roi_path'].astype(str).str.len() > 0).to_numpy()
 
+# %% ../nbs/04_train.ipynb #71eb1da2
 def cache_manifest(manifest: pd.DataFrame, # a manifest (data contract)
-                   config, # a Config, dict or YAML path
+                   config: Config, # a resolved Config (load_config)
                    progress: bool = True, # show a progress bar
                    verify: bool = False, # read every existing cache file in full and rebuild damaged ones
                   ) -> pd.DataFrame:
     "Fill the image cache for a manifest with the run's preprocessing; returns it with a `cache_path` column."
-    src, roi_file = manifest, _has_roi_file(manifest, config)
+    c = need_config(config, 'cache_manifest')
+    src, roi_file = manifest, _has_roi_file(manifest, c)
     if roi_file.any(): src = manifest.assign(image_path=np.where(roi_file, manifest.get('roi_path'), manifest['image_path']))
-    out = bc_data.cache_images(src, size=_cache_size(config), transform=image_transform(config), progress=progress,
-                               nonfinite=load_config(config).data.nonfinite, verify=verify)
+    out = bc_data.cache_images(src, size=_cache_size(c), transform=image_transform(c), progress=progress,
+                               nonfinite=c.data.nonfinite, verify=verify)
     return manifest.assign(cache_path=out['cache_path'].to_numpy())
 
 # %% ../nbs/04_train.ipynb #0f5a757d
@@ -108,6 +115,7 @@ def _lesion_box(lesions, context):
     b = np.array(boxes)
     return (b[:, 0].min(), b[:, 1].min(), b[:, 2].max(), b[:, 3].max())
 
+# %% ../nbs/04_train.ipynb #ff7655dd
 def roi_boxes(manifest: pd.DataFrame, # manifest with a `lesions` column
               context: float = 0.5, # padding around the lesion, as a fraction of its size on each side
              ) -> np.ndarray:
@@ -160,6 +168,7 @@ def _affine_params(batch, size, aug, seed):
     zero = tf.zeros([batch])
     return tf.stack([a00, a01, a02, a10, a11, a12, zero, zero], axis=1)
 
+# %% ../nbs/04_train.ipynb #d872bf6b
 def augment_batch(images, # float32 batch (B, H, W, C)
                   aug: dict, # the `train.augment` section of a config
                   seed, # a stateless seed: int32/int64 tensor of shape (2,)
@@ -222,7 +231,7 @@ def _epoch_rows(n: int, seed: int, epoch, rows_per_epoch: int|None = None):
 
 # %% ../nbs/04_train.ipynb #90bff108
 def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); cached if it has no `cache_path`
-                 config, # a Config, dict or YAML path
+                 config: Config, # a resolved Config (load_config)
                  training: bool = False, # shuffle, repeat (when steps_per_epoch is set), oversample and augment
                  target: str = 'abnormal', # 'abnormal' (stage 1) or 'malignant' (stage 2)
                  batch_size: int|None = None, # default: train.batch_size
@@ -231,7 +240,7 @@ def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); ca
                 ):
     "A batched, prefetched `tf.data.Dataset` of (image, label) from a manifest, preprocessed as the config says."
     import tensorflow as tf
-    c = load_config(config)
+    c = need_config(config, 'make_dataset')
     if 'cache_path' not in manifest: manifest = cache_manifest(manifest, c)
     df, y = target_rows(manifest, target) if labels else (manifest, np.zeros(len(manifest), np.float32))
     if len(df) == 0: raise DataError(f"no rows to feed for target '{target}' (training={training}): check the split and labels")
@@ -254,7 +263,7 @@ def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); ca
         if c.data.resize == 'pad': img = tf.image.resize_with_pad(img, size, size, antialias=True)
         else: img = tf.image.resize(img, [size, size], antialias=True)
         return (tf.clip_by_value(img, 0.0, 1.0), t, *key)
-    aug, fold = c.get('train.augment'), tf.random.experimental.stateless_fold_in
+    aug, fold = c.train.augment, tf.random.experimental.stateless_fold_in
     @plain
     def augment(x, t, key):  # one stateless seed per (epoch, position of the batch's first row)
         s = fold(fold(tf.constant([c.seed, 0xA06], tf.int64), key[0, 0]), key[0, 1])
@@ -275,8 +284,9 @@ def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); ca
 
 # %% ../nbs/04_train.ipynb #19771e00
 _PACKAGES = ('breast_cancer', 'tensorflow', 'tensorflow-cpu', 'keras', 'numpy', 'pandas', 'scikit-learn', 'PyWavelets',
-             'scikit-image', 'pydicom', 'Pillow', 'PyYAML')
+             'scikit-image', 'pydicom', 'Pillow', 'PyYAML')  # the packages a run records
 
+# %% ../nbs/04_train.ipynb #8d042401
 def package_versions() -> dict:
     "Installed versions of the packages a run depends on (None when absent)."
     from importlib.metadata import version, PackageNotFoundError
@@ -309,11 +319,9 @@ def hardware_info() -> dict:
         except Exception: info['gpus'].append(g.name)
     return info
 
-_SPLIT_EXTRA = ('laterality', 'view', 'density', 'abnormality_type', 'magnification', 'age')  # for breast level and subgroups
-
+# %% ../nbs/04_train.ipynb #7aeccce1
 _HASH_COLUMNS = ['dataset', 'image_id', 'image_path', 'patient_id', 'label']
 
-# %% ../nbs/04_train.ipynb #7aeccce1
 def manifest_hash(manifest: pd.DataFrame) -> str:
     "A stable hash of a manifest's identity columns (dataset, image_id, image_path, patient_id, label), row order ignored."
     cols = [c for c in _HASH_COLUMNS if c in manifest]
@@ -321,9 +329,11 @@ def manifest_hash(manifest: pd.DataFrame) -> str:
     return config_hash(rows, n=32)
 
 # %% ../nbs/04_train.ipynb #918cb169
-def run_metadata(config, manifest: pd.DataFrame|None = None) -> dict:
+def run_metadata(config: Config, # a resolved Config (load_config)
+                 manifest: pd.DataFrame|None = None, # the run's manifest (hashed and counted)
+                ) -> dict:
     "The metadata.json of a run: time, config hash, packages, manifest hash and size, git commit, hardware."
-    c = load_config(config)
+    c = need_config(config, 'run_metadata')
     md = {'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'name': c.name,
           'config_hash': c.hash(), 'packages': package_versions(), 'git_commit': git_commit(), 'hardware': hardware_info(),
           'distribute': distribute_info(c)}
@@ -333,23 +343,35 @@ def run_metadata(config, manifest: pd.DataFrame|None = None) -> dict:
     return md
 
 # %% ../nbs/04_train.ipynb #a86620a9
-def init_run_dir(config, # a Config, dict or YAML path
+_SPLIT_EXTRA = ('laterality', 'view', 'density', 'abnormality_type', 'magnification', 'age')  # for breast level and subgroups
+
+def _split_columns(manifest: pd.DataFrame) -> list[str]:
+    "The manifest columns a run stores in its split: ids, label, split and fold, and what breast level and subgroups read."
+    return [k for k in ('dataset', 'image_id', 'patient_id', 'label', 'split', 'fold', *_SPLIT_EXTRA) if k in manifest]
+
+# %% ../nbs/04_train.ipynb #6834bc33
+_PHASES = (None, 'head', 'finetune')  # the training phases that keep a backup folder (model.fine_tune_phases)
+
+def _interrupted(rd: RunDir) -> bool:
+    "Whether a stage of the run stopped mid-training: one of its backup folders holds files (a rerun resumes it)."
+    return any(any(rd.stage(s).backup(p).glob('*')) for s in STAGES for p in _PHASES)
+
+# %% ../nbs/04_train.ipynb #409847a9
+def init_run_dir(config: Config, # a resolved Config (load_config)
                  manifest: pd.DataFrame|None = None, # the manifest of the run, with its `split` column when it has one
                  run_dir=None, # default: runs_dir()/config.name (checked to stay inside runs_dir())
                 ) -> Path:
     "Create a run folder holding the resolved config, the split and the metadata (written atomically); returns its path."
-    c = load_config(config)
-    run_dir = Path(run_dir) if run_dir is not None else path_inside(runs_dir(), c.name)
-    with folder_lock(run_dir, 'run folder'):
-        if (run_dir/'config.yaml').exists() and any(run_dir.glob('*/backup/*')) and load_config(run_dir/'config.yaml') != c:
-            raise ConfigError(f'{run_dir} holds an interrupted run of a different config (its backup/ would be resumed): '
+    c = need_config(config, 'init_run_dir')
+    rd = RunDir(run_dir if run_dir is not None else path_inside(runs_dir(), c.name))
+    with rd.lock():
+        if rd.exists() and _interrupted(rd) and rd.read_config() != c:
+            raise ConfigError(f'{rd.path} holds an interrupted run of a different config (its backup would be resumed): '
                               'give this run another name or run_dir, or delete that folder')
-        atomic_write_text(run_dir/'config.yaml', c.to_yaml())
-        if manifest is not None and 'split' in manifest:
-            cols = [k for k in ('dataset', 'image_id', 'patient_id', 'label', 'split', 'fold', *_SPLIT_EXTRA) if k in manifest]
-            with atomic_path(run_dir/'split.csv') as tmp: manifest[cols].to_csv(tmp, index=False)
-        atomic_write_text(run_dir/'metadata.json', json.dumps(run_metadata(c, manifest), indent=2, default=str))
-    return run_dir
+        rd.write_config(c)
+        if manifest is not None and 'split' in manifest: rd.write_split(manifest[_split_columns(manifest)])
+        rd.write_metadata(run_metadata(c, manifest))
+    return rd.path
 
 # %% ../nbs/04_train.ipynb #a30b48cb
 def save_model_atomic(model, path) -> Path:
@@ -376,18 +398,19 @@ class AtomicModelCheckpoint(keras.callbacks.Callback):
             atomic_write_text(self.state_path, json.dumps({'monitor': self.monitor, 'best': self.best, 'epoch': epoch + 1}))
 
 # %% ../nbs/04_train.ipynb #20ca6ab9
-def clr_schedule(config, steps_per_epoch: int,
+def clr_schedule(config: Config, # a resolved Config (load_config)
+                 steps_per_epoch: int, # optimizer steps per epoch (the default step size is two epochs of them)
                  scale: float = 1.0, # multiply both bounds (phase 2 of fine-tuning runs at a lower LR)
                 ):
     "The cyclical learning-rate schedule a config asks for (`train.clr`), from `breast_cancer.model`."
     from breast_cancer import model as bc_model
-    clr = load_config(config).get('train.clr')
-    step = clr['step_size'] or 2 * max(1, int(steps_per_epoch))
-    k = scale * lr_factor(config)  # the phase's factor, times distribute.lr_scaling (linear in the number of replicas, or 1)
-    kw = dict(initial_learning_rate=clr['initial_learning_rate'] * k, maximal_learning_rate=clr['maximal_learning_rate'] * k, step_size=step)
-    if clr['mode'] == 'triangular': return bc_model.TriangularCyclicalLearningRate(**kw)
-    if clr['mode'] == 'triangular2': return bc_model.Triangular2CyclicalLearningRate(**kw)
-    return bc_model.ExponentialCyclicalLearningRate(**kw, gamma=clr['gamma'])
+    c = need_config(config, 'clr_schedule'); clr = c.train.clr
+    step = clr.step_size or 2 * max(1, int(steps_per_epoch))
+    k = scale * lr_factor(c)  # the phase's factor, times distribute.lr_scaling (linear in the number of replicas, or 1)
+    kw = dict(initial_learning_rate=clr.initial_learning_rate * k, maximal_learning_rate=clr.maximal_learning_rate * k, step_size=step)
+    if clr.mode == 'triangular': return bc_model.TriangularCyclicalLearningRate(**kw)
+    if clr.mode == 'triangular2': return bc_model.Triangular2CyclicalLearningRate(**kw)
+    return bc_model.ExponentialCyclicalLearningRate(**kw, gamma=clr.gamma)
 
 # %% ../nbs/04_train.ipynb #ab7c09be
 def _phase_scale(c, phase):
@@ -397,12 +420,15 @@ def _phase_scale(c, phase):
     peak = c.train.clr.maximal_learning_rate
     return 0.1 if ft['lr'] is None or not peak else ft['lr'] / peak
 
-def compile_for_config(model, config, steps_per_epoch: int,
+# %% ../nbs/04_train.ipynb #67e001c6
+def compile_for_config(model, # a Keras model
+                       config: Config, # a resolved Config (load_config)
+                       steps_per_epoch: int, # optimizer steps per epoch (for the CLR step size)
                        phase: str|None = None, # 'finetune' = phase 2 of `train.fine_tune` (lower LR)
                       ):
     "Compile a model with the config's optimizer, CLR schedule and metrics (accuracy, AUC, precision, sensitivity, specificity)."
     from breast_cancer import model as bc_model
-    c = load_config(config)
+    c = need_config(config, 'compile_for_config')
     return bc_model.compile_model(model, learning_rate=clr_schedule(c, steps_per_epoch, _phase_scale(c, phase)),
                                   optimizer=c.train.optimizer, momentum=c.train.momentum, metrics=bc_model.default_metrics(1))
 
@@ -440,55 +466,56 @@ def _flat(d: dict, prefix: str = '') -> dict:
         else: out[f'{prefix}{k}'] = str(v)[:500]
     return out
 
+# %% ../nbs/04_train.ipynb #d800a901
 class MLflowLogger(keras.callbacks.Callback):
     "Log a stage to MLflow: the config as parameters, the epoch metrics, and at the end the best checkpoint and history."
-    def __init__(self, config, stage_dir, stage: str):
+    def __init__(self, config: Config, stage_dir, stage: str):
         super().__init__()
         try: import mlflow
         except ImportError as e:
             raise ConfigError("tracking: mlflow needs the mlflow package: pip install 'breast_cancer[mlflow]' "
                               "(or set tracking: tensorboard)") from e
-        self.mlflow, self.config, self.stage_dir, self.stage = mlflow, load_config(config), Path(stage_dir), stage
+        self.mlflow, self.config, self.stage_dir, self.stage = mlflow, need_config(config, 'MLflowLogger'), StageDir(stage_dir), stage
     def on_train_begin(self, logs=None):
         mlf = self.mlflow
-        if not os.environ.get('MLFLOW_TRACKING_URI'): mlf.set_tracking_uri((self.stage_dir.parent.parent/'mlruns').resolve().as_uri())
+        if not os.environ.get('MLFLOW_TRACKING_URI'): mlf.set_tracking_uri((self.stage_dir.path.parent.parent/'mlruns').resolve().as_uri())
         mlf.set_experiment(self.config.name)
         self.run = mlf.start_run(run_name=f'{self.config.name}/{self.stage}')
         mlf.log_params({**_flat(self.config.to_dict()), 'stage': self.stage, 'config_hash': self.config.hash()})
     def on_epoch_end(self, epoch, logs=None):
         self.mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) and np.isfinite(v)}, step=epoch)
     def on_train_end(self, logs=None):
-        for f in ('checkpoints/best.keras', 'history.csv'):
-            if (self.stage_dir/f).exists(): self.mlflow.log_artifact(str(self.stage_dir/f))
+        for f in (self.stage_dir.best_model, self.stage_dir.history_csv):
+            if f.exists(): self.mlflow.log_artifact(str(f))
         self.mlflow.end_run()
 
 # %% ../nbs/04_train.ipynb #6f7daa7c
-def tracking_callbacks(config, # a Config, dict or YAML path (`tracking`: tensorboard, mlflow or none)
+def tracking_callbacks(config: Config, # a resolved Config (load_config); `tracking`: tensorboard, mlflow or none
                        run_dir, # the run folder: logs go to run_dir/tensorboard/<stage>
-                       stage: str, # stage name
+                       stage: str, # 'stage1' or 'stage2'
                        train_ds=None, # the training dataset (a few augmented inputs are logged from it)
                       ) -> list:
     "The tracking callbacks a config asks for: TensorBoard (scalars, per-step LR, input images), plus MLflow when asked."
-    c = load_config(config)
+    c = need_config(config, 'tracking_callbacks')
     if c.tracking == 'none': return []
     logs = Path(run_dir)/'tensorboard'/stage
     cbs = [keras.callbacks.TensorBoard(str(logs), histogram_freq=0, write_graph=False, update_freq='epoch', profile_batch=0),
            LearningRateLogger(logs/'train')]
     if train_ds is not None: cbs.append(InputImagesLogger(logs/'train', train_ds))
-    if c.tracking == 'mlflow': cbs.append(MLflowLogger(c, Path(run_dir)/stage, stage))
+    if c.tracking == 'mlflow': cbs.append(MLflowLogger(c, RunDir(run_dir).stage(stage).path, stage))
     return cbs
 
 # %% ../nbs/04_train.ipynb #c8c068d1
 def stage_datasets(model, # the stage's model, built in the strategy's scope when it has several replicas
                    train_rows: pd.DataFrame, # the stage's training rows (cached)
                    val_rows: pd.DataFrame, # its validation rows
-                   config, # a Config, dict or YAML path
+                   config: Config, # a resolved Config (load_config)
                    target: str = 'abnormal', # 'abnormal' or 'malignant'
                    epoch=None, # a tf.Variable holding the current epoch (per-epoch augmentation seeds; see make_dataset)
                   ):
     "Training and validation datasets of one stage for the config's strategy: global batches, sharded by worker."
     import tensorflow as tf
-    c = load_config(config); s = distribute_strategy(c); gbs = global_batch_size(c); kind = strategy_kind(c)
+    c = need_config(config, 'stage_datasets'); s = distribute_strategy(c); gbs = global_batch_size(c); kind = strategy_kind(c)
     if s.num_replicas_in_sync > 1 and getattr(model, 'distribute_strategy', None) is not s:
         raise ConfigError(f"distribute.strategy {c.distribute.strategy!r} runs {s.num_replicas_in_sync} replicas, but the model was built "
                           "outside its scope: build it inside `with train.distribute_scope(config):` (Cascade.from_config does)")
@@ -508,6 +535,7 @@ def _data_hash(manifest):
     cols = [k for k in ('dataset', 'image_id', 'label', 'split') if k in manifest]
     return config_hash(sorted(map(tuple, manifest[cols].astype(str).to_numpy().tolist())), n=32)
 
+# %% ../nbs/04_train.ipynb #1c6414a0
 def history_from_csv(path) -> dict:
     "The training history as {metric: [values per epoch]}, from a (possibly resumed) CSV log; last row per epoch wins."
     df = pd.read_csv(path)
@@ -515,10 +543,12 @@ def history_from_csv(path) -> dict:
     return {k: df[k].tolist() for k in df.columns}
 
 # %% ../nbs/04_train.ipynb #5c01c73c
-def ensure_split(manifest: pd.DataFrame, config) -> pd.DataFrame:
+def ensure_split(manifest: pd.DataFrame, # a manifest, with or without a `split` column
+                 config: Config, # a resolved Config (load_config): data.test_size, data.val_size, seed
+                ) -> pd.DataFrame:
     "The manifest with a patient-level `split` column (train/val/test), made with `data.patient_split` when missing."
     if 'split' in manifest and manifest['split'].notna().all() and set(manifest['split']) >= {'train', 'val'}: return manifest
-    c = load_config(config)
+    c = need_config(config, 'ensure_split')
     return bc_data.patient_split(manifest, test_size=c.data.test_size, val_size=c.data.val_size, seed=c.seed)
 
 # %% ../nbs/04_train.ipynb #d3a4cf59
@@ -533,6 +563,8 @@ class _EpochWatch(keras.callbacks.Callback):
                 self.bad = dict(key=k, value=float(v), epoch=self.epoch, where=where); self.model.stop_training = True
     def on_train_batch_end(self, batch, logs=None): self._check(logs, f'batch {batch + 1}')
     def on_epoch_end(self, epoch, logs=None): self._check(logs, 'the end of the epoch')
+
+# %% ../nbs/04_train.ipynb #a9a2cef8
 class _RefreshBatchNorm(keras.callbacks.Callback):
     "Before each validation (on the epoch's last training batch), recompute trainable BatchNorm statistics."
     def __init__(self, batches, n, steps): super().__init__(); self.batches, self.n, self.steps = batches, n, steps
@@ -541,14 +573,26 @@ class _RefreshBatchNorm(keras.callbacks.Callback):
             from breast_cancer.model import refresh_batchnorm
             refresh_batchnorm(self.model, self.batches, self.n)
 
+# %% ../nbs/04_train.ipynb #5b02fcb7
+def _phases(c: Config, sd: StageDir) -> tuple[list, bool]:
+    "The training phases still to run (one, or head then fine-tuning), and whether a backup makes this a resume."
+    from breast_cancer import model as bc_model
+    ft = c.train.fine_tune
+    phases = ([(None, None, None, 0, c.train.epochs)] if ft is None else
+              bc_model.fine_tune_phases(ft.head_epochs, c.train.epochs, ft.unfreeze_blocks, None, None))
+    started = [i for i, p in enumerate(phases) if sd.backup(p[0]).exists() and any(sd.backup(p[0]).iterdir())]
+    return (phases[started[-1]:], True) if started else (phases, False)   # a phase with a backup was running: earlier ones are done
+
 # %% ../nbs/04_train.ipynb #000c221c
-def _train_locked(model, manifest, c, run_dir, stage, target, callbacks, verbose):
+def _train_locked(model, manifest, c: Config, rd: RunDir, stage, target, callbacks, verbose):
+    "`train` inside the run folder's lock."
     import tensorflow as tf
     target = target or ('malignant' if stage == 'stage2' else 'abnormal')
+    sd = rd.stage(stage)
     manifest = ensure_split(manifest, c)
     if 'cache_path' not in manifest: manifest = cache_manifest(manifest, c)
-    if not (run_dir/'config.yaml').exists(): init_run_dir(c, manifest, run_dir)
-    sdir = run_dir/stage; (sdir/'checkpoints').mkdir(parents=True, exist_ok=True)
+    if not rd.exists(): init_run_dir(c, manifest, rd.path)
+    sd.best_model.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(c.seed, deterministic=c.train.deterministic)
     train_rows, y_train = target_rows(manifest[manifest['split'] == 'train'], target)
     val_rows, _ = target_rows(manifest[manifest['split'] == 'val'], target)
@@ -558,20 +602,14 @@ def _train_locked(model, manifest, c, run_dir, stage, target, callbacks, verbose
     watch = _EpochWatch(tf.Variable(0, dtype=tf.int64, trainable=False))
     train_ds, val_ds = stage_datasets(model, train_rows, val_rows, c, target, epoch=watch.epoch_var)  # global batches, sharded per worker
     from breast_cancer import model as bc_model
-    ft = c.get('train.fine_tune')
-    phases = ([(None, None, None, 0, c.train.epochs)] if ft is None else
-              bc_model.fine_tune_phases(ft['head_epochs'], c.train.epochs, ft['unfreeze_blocks'], None, None))
-    backup = lambda name: sdir/('backup' if name is None else f'backup_{name}')
-    started = [i for i, p in enumerate(phases) if backup(p[0]).exists() and any(backup(p[0]).iterdir())]
-    resuming = bool(started)
-    if resuming: phases = phases[started[-1]:]   # a phase with a backup was running: earlier phases are done
-    (sdir/'done.json').unlink(missing_ok=True)
-    if resuming: _log.info(f'{stage}: resuming from the backup in {backup(phases[0][0])}')
+    phases, resuming = _phases(c, sd)
+    sd.done_file.unlink(missing_ok=True)
+    if resuming: _log.info(f'{stage}: resuming from the backup in {sd.backup(phases[0][0])}')
     else:
-        for f in ('checkpoints/best.keras', 'checkpoints/best.json'): (sdir/f).unlink(missing_ok=True)
-    best = AtomicModelCheckpoint(sdir/'checkpoints'/'best.keras', monitor='val_loss')
+        for f in (sd.best_model, sd.best_meta): f.unlink(missing_ok=True)
+    best = AtomicModelCheckpoint(sd.best_model, monitor='val_loss')
     shown = train_ds if isinstance(train_ds, tf.data.Dataset) else make_dataset(train_rows, c, training=True, target=target)  # multi-worker: a local copy to show
-    tracking = tracking_callbacks(c, run_dir, stage, shown)  # TensorBoard (+ MLflow): scalars, per-step LR, input images
+    tracking = tracking_callbacks(c, rd.path, stage, shown)  # TensorBoard (+ MLflow): scalars, per-step LR, input images
     weights = class_weights(y_train) if c.train.class_imbalance == 'class_weights' and len(np.unique(y_train)) == 2 else None
     bn_trains = any(l.trainable for l in bc_model._bn_layers(model)) or c.model.weights is None
     refresh = (_RefreshBatchNorm(make_dataset(train_rows, c, training=False, target=target),   # unaugmented training images
@@ -579,8 +617,8 @@ def _train_locked(model, manifest, c, run_dir, stage, target, callbacks, verbose
     def fit(m, name, first, last):
         if watch.bad is not None: return None   # a non-finite loss stopped an earlier phase: reported below
         cbs = [watch] + ([refresh] if refresh is not None else [])
-        cbs += [keras.callbacks.BackupAndRestore(str(backup(name)), double_checkpoint=True), best,
-                keras.callbacks.CSVLogger(str(sdir/'history.csv'), append=resuming or first > 0)] + tracking
+        cbs += [keras.callbacks.BackupAndRestore(str(sd.backup(name)), double_checkpoint=True), best,
+                keras.callbacks.CSVLogger(str(sd.history_csv), append=resuming or first > 0)] + tracking
         if c.train.early_stopping.enabled:
             cbs.append(keras.callbacks.EarlyStopping(monitor=c.train.early_stopping.monitor, patience=c.train.early_stopping.patience))
         return fit_function(m, c, steps)(train_ds, validation_data=val_ds, initial_epoch=first, epochs=last, steps_per_epoch=c.train.steps_per_epoch,
@@ -589,18 +627,17 @@ def _train_locked(model, manifest, c, run_dir, stage, target, callbacks, verbose
     histories = bc_model.fit_phases(model, phases, lambda m, _, name: compile_for_config(m, c, steps, phase=name), fit,
                                     train_bn=c.model.weights is None)
     history = list(histories.values())[-1]
-    if (sdir/'history.csv').exists():
-        atomic_write_text(sdir/'history.json', json.dumps(history_from_csv(sdir/'history.csv'), indent=1))
+    if sd.history_csv.exists(): atomic_write_text(sd.history_json, json.dumps(history_from_csv(sd.history_csv), indent=1))
     if (bad := watch.bad) is not None:
-        raise TrainingError(f"{stage} ({target}) in {run_dir}: the {bad['key']} became {bad['value']} in epoch {bad['epoch'] + 1} "
-                            f"of {c.train.epochs} (at {bad['where']}); training stopped there, and no model.keras or done.json "
-                            "was written. Lower train.clr.maximal_learning_rate, or check the inputs for non-finite values; "
-                            f"the losses so far are in {sdir/'history.csv'}")
-    if c.train.restore_best and (sdir/'checkpoints'/'best.keras').exists(): model.load_weights(sdir/'checkpoints'/'best.keras')
+        raise TrainingError(f"{stage} ({target}) in {rd.path}: the {bad['key']} became {bad['value']} in epoch {bad['epoch'] + 1} "
+                            f"of {c.train.epochs} (at {bad['where']}); training stopped there, and the stage was not saved nor "
+                            "marked done. Lower train.clr.maximal_learning_rate, or check the inputs for non-finite values; "
+                            f"the losses so far are in {sd.history_csv}")
+    if c.train.restore_best and sd.best_model.exists(): model.load_weights(sd.best_model)
     if refresh is not None:   # precise BatchNorm statistics for the final weights (random init; see model.refresh_batchnorm)
         bc_model.refresh_batchnorm(model, refresh.batches, c.train.bn_refresh_batches)
-    save_model_atomic(model, sdir/'model.keras')
-    atomic_write_text(sdir/'done.json', json.dumps({'config_hash': c.hash(), 'data_hash': _data_hash(manifest), 'target': target}))
+    save_model_atomic(model, sd.model)
+    sd.write_done({'config_hash': c.hash(), 'data_hash': _data_hash(manifest), 'target': target})
     return history
 
 # %% ../nbs/04_train.ipynb #72811840
@@ -608,20 +645,21 @@ def _run_folder(run_dir, c) -> Path:
     "The folder this process writes a run into: `run_dir` (default `runs/<name>`, checked to stay inside it); a temporary one on non-chief workers."
     return worker_run_dir(Path(run_dir) if run_dir is not None else path_inside(runs_dir(), c.name), c)
 
+# %% ../nbs/04_train.ipynb #fab39446
 def train(model, # a Keras model with a one-unit sigmoid output (e.g. from model.build_model)
           manifest: pd.DataFrame, # manifest with a `split` column (train/val rows are used)
-          config, # a Config, dict or YAML path
+          config: Config, # a resolved Config (load_config)
           run_dir=None, # the run folder (default: runs_dir()/config.name, checked to stay inside runs_dir())
-          stage: str = 'stage1', # sub-folder name; also picks the target when `target` is None
+          stage: str = 'stage1', # 'stage1' or 'stage2': its sub-folder; also picks the target when `target` is None
           target: str|None = None, # 'abnormal' or 'malignant' (default: stage1 -> abnormal, stage2 -> malignant)
           callbacks: list|None = None, # extra Keras callbacks, run after ours
           verbose = 'auto', # passed to model.fit
          ):
     "Train one stage with `model.fit`: CLR, atomic best checkpoint, resume, CSV/JSON history; returns the History."
-    c = load_config(config)
-    run_dir = _run_folder(run_dir, c)
-    with folder_lock(run_dir, 'run folder'):  # one writer per run folder, for the whole stage
-        return _train_locked(model, manifest, c, run_dir, stage, target, callbacks, verbose)
+    c = need_config(config, 'train')
+    rd = RunDir(_run_folder(run_dir, c))
+    with rd.lock():  # one writer per run folder, for the whole stage
+        return _train_locked(model, manifest, c, rd, stage, target, callbacks, verbose)
 
 # %% ../nbs/04_train.ipynb #e5a7945f
 def read_tensorboard(log_dir, # a folder holding TensorBoard event files (searched recursively)
@@ -638,9 +676,12 @@ def read_tensorboard(log_dir, # a folder holding TensorBoard event files (search
     return pd.DataFrame(rows, columns=['run', 'tag', 'step', 'value'])
 
 # %% ../nbs/04_train.ipynb #0b44e407
-def stage_done(run_dir, stage: str, config, manifest: pd.DataFrame) -> bool:
+def stage_done(run_dir, # the run folder
+               stage: str, # 'stage1' or 'stage2'
+               config: Config, # a resolved Config (load_config)
+               manifest: pd.DataFrame, # the manifest the stage would train on (with its split)
+              ) -> bool:
     "True when `run_dir/stage` holds a finished model trained with this exact config and manifest (a rerun can skip it)."
-    f = Path(run_dir)/stage/'done.json'
-    if not (f.exists() and (Path(run_dir)/stage/'model.keras').exists()): return False
-    done = json.loads(f.read_text())
-    return done.get('config_hash') == load_config(config).hash() and done.get('data_hash') == _data_hash(manifest)
+    c = need_config(config, 'stage_done')
+    done = RunDir(run_dir).stage(stage).read_done()
+    return done is not None and done.get('config_hash') == c.hash() and done.get('data_hash') == _data_hash(manifest)

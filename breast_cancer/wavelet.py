@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import numpy as np, pandas as pd
 import pywt
 from .core import ConfigError, DataError, config_hash, get_logger, moved_names
+from .config import check_choice, choices
 from .data import cache_images, read_image
 
 # %% auto #0
@@ -22,8 +23,8 @@ _log = get_logger('wavelet')
 
 # %% ../nbs/02_wavelet.ipynb #337f5603
 DISCRETE_WAVELETS = frozenset(pywt.wavelist(kind='discrete'))  # every wavelet the decimated transform accepts
-METHODS = ('BayesShrink', 'VisuShrink', None)  # thresholding rules; None = no thresholding
-MODES = ('soft', 'hard')  # how coefficients above the threshold are treated
+METHODS = choices('wavelet.method')  # thresholding rules ('BayesShrink', 'VisuShrink'); None = no thresholding
+MODES = choices('wavelet.mode')  # 'soft' or 'hard': how coefficients above the threshold are treated
 
 def _check_wavelet(wavelet):
     if not isinstance(wavelet, str) or wavelet not in DISCRETE_WAVELETS:
@@ -31,6 +32,7 @@ def _check_wavelet(wavelet):
                           "'sym8', 'coif3', 'haar' or 'bior4.4' (the full list is pywt.wavelist(kind='discrete'))")
     return wavelet
 
+# %% ../nbs/02_wavelet.ipynb #0fd71ab7
 def _check_image(image):
     image = np.asarray(image)
     if image.dtype.kind not in 'biuf':
@@ -47,6 +49,7 @@ def _check_image(image):
                         "fix or drop the image before wavelet preprocessing")
     return image
 
+# %% ../nbs/02_wavelet.ipynb #1b035baf
 def _check_level(shape, wavelet, level):
     if isinstance(level, bool) or not isinstance(level, (int, np.integer)) or level < 1:
         raise ConfigError(f"level must be a positive integer, got {level!r}")
@@ -59,12 +62,10 @@ def _check_level(shape, wavelet, level):
                           + "a shorter wavelet (e.g. 'db2') or a larger image")
     return int(level)
 
+# %% ../nbs/02_wavelet.ipynb #ad7dd778
 def _check_method_mode(method, mode):
     if isinstance(method, str) and method.lower() == 'none': method = None
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}: use 'BayesShrink', 'VisuShrink' or None (no thresholding)")
-    if mode not in MODES: raise ConfigError(f"unknown mode {mode!r}: use 'soft' or 'hard'")
-    return method, mode
+    return check_choice(method, 'wavelet.method', 'method'), check_choice(mode, 'wavelet.mode', 'mode')
 
 # %% ../nbs/02_wavelet.ipynb #f90454f9
 def wavelet_decompose(image, # a 2-D greyscale image (one channel)
@@ -135,11 +136,13 @@ def estimate_sigma(finest_diagonal, # the finest diagonal detail band (cD_1)
     d = np.abs(finest_diagonal[finest_diagonal != 0])
     return float(np.median(d)) / _MAD_TO_SIGMA if d.size else 0.0
 
+# %% ../nbs/02_wavelet.ipynb #5b95e6f2
 def _bayes_threshold(band, var):
     "BayesShrink threshold of one detail band (Chang, Yu & Vetterli 2000), as in scikit-image."
     signal_var = float(np.vdot(band, band)) / band.size - var
     return var / math.sqrt(max(signal_var, float(np.finfo(np.float32).eps)))
 
+# %% ../nbs/02_wavelet.ipynb #88d5f1b5
 def _threshold_(band, t, mode):
     "Soft or hard threshold `band` in place with the Python float `t`."
     if t <= 0: return band
@@ -163,6 +166,7 @@ def _process_channel(x, wavelet, level, method, mode, sigma, gains):
             for b in bands: np.multiply(b, float(g), out=b)
     return _waverec2_t(approx, details, shapes, wavelet).astype(np.float32, copy=False)
 
+# %% ../nbs/02_wavelet.ipynb #555e2586
 def _apply(image, wavelet, level, method, mode, sigma, gains=None):
     image, wavelet = _check_image(image), _check_wavelet(wavelet)
     level = _check_level(image.shape, wavelet, level)
@@ -173,6 +177,7 @@ def _apply(image, wavelet, level, method, mode, sigma, gains=None):
     return np.stack([_process_channel(np.ascontiguousarray(image[..., c]), wavelet, level, method, mode, sigma, gains)
                      for c in range(image.shape[-1])], axis=-1)
 
+# %% ../nbs/02_wavelet.ipynb #3a529aca
 def wavelet_denoise(image, # 2-D greyscale or (H, W, C) colour image, any size
                     wavelet: str = 'db4', # any discrete PyWavelets wavelet ('db1'…'db20', 'sym8', …)
                     level: int = 4, # decomposition levels; at most `pywt.dwt_max_level` for the image
@@ -190,6 +195,7 @@ def default_gains(level: int) -> tuple:
     "`DEFAULT_GAINS` for `level` levels: cut for fewer levels, padded with 1.0 (no change) for coarser extra levels."
     return tuple(DEFAULT_GAINS[:level]) + (1.0,) * max(0, level - len(DEFAULT_GAINS))
 
+# %% ../nbs/02_wavelet.ipynb #332a272e
 def _check_gains(gains, level):
     if gains is None or gains is True: return default_gains(level)
     if np.isscalar(gains): gains = (gains,) * level
@@ -200,6 +206,7 @@ def _check_gains(gains, level):
     if not all(np.isfinite(g) and g >= 0 for g in gains): raise ConfigError(f"gains must be finite and >= 0, got {gains}")
     return gains
 
+# %% ../nbs/02_wavelet.ipynb #efcdec64
 def wavelet_enhance(image, # 2-D greyscale or (H, W, C) colour image in [0, 1]
                     wavelet: str = 'db4', # any discrete PyWavelets wavelet
                     level: int = 4, # decomposition levels
@@ -230,7 +237,7 @@ def lesion_contrast(image, # 2-D greyscale image
 
 # %% ../nbs/02_wavelet.ipynb #21a04a82
 _ALGORITHM_VERSION = 1  # bump when the numbers a preprocessor produces change, to invalidate cached images
-WAVELET_AT = ('source', 'model')  # where `data.cache_images` runs the wavelet: before or after resizing to the cache size
+WAVELET_AT = choices('wavelet.at')  # 'source' or 'model': where `data.cache_images` runs the wavelet: before or after resizing to the cache size
 AT_DEFAULT = 'model'  # measured choice: see 'Where the wavelet runs' below
 
 @dataclass(frozen=True)
@@ -251,8 +258,7 @@ class WaveletPreprocessor:
         method, mode = _check_method_mode(self.method, self.mode)
         if self.sigma is not None and not (isinstance(self.sigma, (int, float, np.number)) and math.isfinite(self.sigma) and self.sigma >= 0):
             raise ConfigError(f"WaveletPreprocessor sigma must be a finite number >= 0 or None, got {self.sigma!r}")
-        if self.at not in WAVELET_AT:
-            raise ConfigError(f"WaveletPreprocessor at must be 'source' (full resolution) or 'model' (after resizing), got {self.at!r}")
+        check_choice(self.at, 'wavelet.at', 'at')
         off = self.enhance is None or (isinstance(self.enhance, bool) and not self.enhance)
         enhance = False if off else _check_gains(self.enhance, self.level)
         for k, v in dict(level=int(self.level), method=method, enhance=enhance,
@@ -337,7 +343,7 @@ def plot_wavelet_examples(manifest: pd.DataFrame, # a manifest (image_path, imag
     return fig
 
 # %% ../nbs/02_wavelet.ipynb #1445237f
-STAIN_METHODS = ('macenko', 'reinhard')
+STAIN_METHODS = choices('stain.method')  # 'macenko' or 'reinhard'
 _MACENKO_DEFAULT = {'HERef': [[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]], 'maxCRef': [1.9705, 1.0308]}  # torchstain's reference
 
 def _rgb_uint8(image, what: str = 'image') -> tuple[np.ndarray, bool]:
@@ -367,8 +373,7 @@ class StainNormalizer:
                  on_failure: str = 'keep', # 'keep' (return the image unchanged, log at debug level) or 'raise'
                 ):
         method = str(method).lower()
-        if method not in STAIN_METHODS: raise ConfigError(f"unknown stain normalization method {method!r}: use 'macenko' or 'reinhard'")
-        if on_failure not in ('keep', 'raise'): raise ConfigError(f"on_failure must be 'keep' or 'raise', got {on_failure!r}")
+        check_choice(method, 'stain.method', 'method'); check_choice(on_failure, 'stain.on_failure', 'on_failure')
         self.method, self.Io, self.alpha, self.beta = method, int(Io), float(alpha), float(beta)
         self.min_tissue, self.on_failure = float(min_tissue), on_failure
         self.target = str(target) if isinstance(target, (str, os.PathLike)) else None
@@ -454,6 +459,7 @@ class StainNormalizer:
     def __getstate__(self): return {**self.__dict__, '_ts': None}
     def __repr__(self): return f"StainNormalizer(method={self.method!r}, target={self.target!r}, cache_key={self.cache_key!r})"
 
+# %% ../nbs/02_wavelet.ipynb #ba6a7fc0
 def stain_normalize(image, # RGB image: float32 in [0, 1] or uint8
                     target, # the reference: a path, an RGB array, fitted params (dict) or a StainNormalizer
                     method: str = 'macenko', # 'macenko' or 'reinhard'
@@ -479,13 +485,9 @@ class TransformChain:
     def cache_key(self) -> str: return '+'.join(t.cache_key for t in self.transforms)
     def __repr__(self): return f"TransformChain({', '.join(map(repr, self.transforms))})"
 
+# %% ../nbs/02_wavelet.ipynb #a56bc219
 def chain_transforms(*transforms, # transforms (or None, skipped) in the order they apply, e.g. a StainNormalizer then a WaveletPreprocessor
                     ):
     "One transform for the cache: None when all are None, the transform itself when there is one, else a `TransformChain`."
     ts = [t for t in transforms if t is not None]
     return None if not ts else ts[0] if len(ts) == 1 else TransformChain(*ts)
-
-# %% ../nbs/02_wavelet.ipynb #8ee6e1ab
-from .config import register_check
-register_check('wavelet', lambda d: WaveletPreprocessor.from_dict(d).to_dict())
-register_check('stain', StainNormalizer.from_dict)

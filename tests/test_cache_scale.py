@@ -1,5 +1,5 @@
 """Issue 16 (no silent NaNs, a cache that notices damage, named errors, 12-bit PNGs) and issue 17 (dataset-scale
-cache: sharding, wavelet.at, interrupted fills, `breast-cancer bench cache`). Each test fails on the code before them."""
+cache: sharding, wavelet.at, interrupted fills, `breast-cancer bench cache-scale`). Each test fails on the code before them."""
 import logging, os, signal, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
@@ -96,7 +96,8 @@ def test_prepare_verify_rebuilds_a_nan_file(tmp_path, isolated_dirs, mias_sample
     env = {**os.environ, 'BREAST_CANCER_CACHE': str(isolated_dirs / 'cache')}
     run = lambda *a: subprocess.run([sys.executable, '-c', CLI, *a], capture_output=True, text=True, env=env, timeout=300)
     from breast_cancer.cascade import prepare
-    m = prepare(cfg)
+    from breast_cancer.config import load_config
+    m = prepare(load_config(cfg))
     x = load_cached(m.cache_path[0]).copy(); x[3, 3] = np.nan; np.save(m.cache_path[0], x)  # a valid header: only --verify sees it
     r = run('prepare', '--config', str(cfg), '--verify')
     assert r.returncode == 0, r.stderr
@@ -174,7 +175,7 @@ class _Slow:  # the same cache_key as the script's transform, counting calls
 def _reset_slow(): _Slow.calls = 0
 
 def test_bench_cache_cli_prints_same_run_ratios(tmp_path):
-    r = subprocess.run([sys.executable, '-c', CLI, 'bench', 'cache', '--n', '40', '--size', '256', '--films', '1',
+    r = subprocess.run([sys.executable, '-c', CLI, 'bench', 'cache-scale', '--n', '40', '--size', '256', '--films', '1',
                         '--workers', '1', '--film-shape', '240x150'], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     for s in ('× decode (target <= 2)', 'source / model', 'scaling efficiency', 'memory-bound NumPy work', '/s (target >= 2,000)', 'the float32 image', 'load average'):

@@ -2,18 +2,21 @@
 load, predict three-class labels from files), thresholds that never see test rows, out-of-fold cross-validation,
 single-stage (binary) mode and the run folder of run_from_config. Tiny: 32 px, 1-2 steps, tiny stand-in models
 except for one run through the real ResNet-50 builder."""
-import json, os
+import json, os, subprocess, sys
 from pathlib import Path
 import numpy as np, pandas as pd, pytest
 
 import keras
 from breast_cancer.core import ConfigError, DataError, seed_everything
 from breast_cancer import data, train as T
+from breast_cancer.config import load_config
+from breast_cancer.rundir import RunDir
 from breast_cancer import cascade as C
 
-TINY = {'name': 'tiny', 'data': {'image_size': 32, 'val_size': 0.2, 'test_size': 0.2, 'max_images': 60, 'folds': 2},
+TINY_DICT = {'name': 'tiny', 'data': {'image_size': 32, 'val_size': 0.2, 'test_size': 0.2, 'max_images': 60, 'folds': 2},
         'wavelet': None, 'model': {'weights': None},
         'train': {'epochs': 1, 'batch_size': 8, 'steps_per_epoch': 2, 'validation_steps': 1}}
+TINY = load_config(TINY_DICT)   # resolved once, here at the call site: library functions take a Config
 PRED_COLUMNS = list(data.PREDICTION_COLUMNS)
 tiny_build = C.small_stage  # the package's one stand-in network (model.small_cnn) at the config's input size
 
@@ -25,7 +28,7 @@ def cache_env(isolated_dirs):
 
 @pytest.fixture(scope='module')
 def manifest():
-    c = T.load_config(TINY)
+    c = TINY
     return T.cache_manifest(T.ensure_split(T.load_manifest(c), c), c, progress=False)
 
 
@@ -46,19 +49,19 @@ def test_end_to_end_save_load_predict_files(fitted, manifest, tmp_path, mias_sam
     test = manifest[manifest.split == 'test']
     a, b = cas.predict(test), back.predict(test)
     np.testing.assert_allclose(a[['p_abnormal', 'p_malignant']], b[['p_abnormal', 'p_malignant']], atol=1e-6)
-    assert set(a['label']) <= set(data.LABELS) and list(a['image_id']) == list(test['image_id'])
+    assert set(a['pred_label']) <= set(data.LABELS) and list(a['image_id']) == list(test['image_id'])
     # labels follow the thresholds
     exp = np.where(a.p_abnormal < cas.threshold1, 'normal', np.where(a.p_malignant >= cas.threshold2, 'malignant', 'benign'))
-    assert list(a['label']) == list(exp)
+    assert list(a['pred_label']) == list(exp)
     # files (PNG, the same pixels as 8-bit PGM and as DICOM) go through the same preprocessing as the cache
     src = Path(test['image_path'].iloc[0]); img = data.read_image(src)
     pgm = data.write_pgm(tmp_path/'x.pgm', np.round(img*255).astype(np.uint8))
     dcm = data.write_dicom(tmp_path/'x.dcm', np.round(img*255).astype(np.uint16))
     out = C.predict_files(tmp_path/'cascade', [src, pgm, dcm])
-    assert [set(d) for d in out] == [{'path', 'p_abnormal', 'p_malignant', 'label'}]*3
+    assert [list(d) for d in out] == [['image_path', 'p_abnormal', 'p_malignant', *C.PREDICT_EXTRA[:2], 'pred_label']]*3
     assert abs(out[0]['p_abnormal'] - a['p_abnormal'].iloc[0]) < 1e-5   # file path == manifest row
     assert abs(out[1]['p_abnormal'] - out[0]['p_abnormal']) < 1e-3          # PGM of the same pixels: same answer
-    assert out[2]['label'] in data.LABELS and 0 <= out[2]['p_malignant'] <= 1   # DICOM (min-max windowed) is read too
+    assert out[2]['pred_label'] in data.LABELS and 0 <= out[2]['p_malignant'] <= 1   # DICOM (min-max windowed) is read too
     arr = back.predict([img])                                           # an array as read_image gives it
     assert abs(arr['p_abnormal'].iloc[0] - out[0]['p_abnormal']) < 1e-5
     with pytest.raises(DataError, match='not found'): C.predict_files(tmp_path/'cascade', [tmp_path/'nope.png'])
@@ -116,10 +119,10 @@ def test_cross_validate_out_of_fold(manifest, tmp_path):
 
 
 def test_binary_mode_breakhis(tmp_path, breakhis_sample):
-    cfg = {**TINY, 'name': 'bh', 'task': 'binary', 'datasets': [{'name': 'breakhis', 'root': str(breakhis_sample)}],
+    cfg = {**TINY_DICT, 'name': 'bh', 'task': 'binary', 'datasets': [{'name': 'breakhis', 'root': str(breakhis_sample)}],
            'data': {'image_size': 32, 'channels': 3, 'val_size': 0.25, 'test_size': 0.25},
-           'train': {**TINY['train'], 'augment': {'rotation': 90, 'flip': 'both'}}}
-    run = C.run_from_config(cfg, run_dir=tmp_path, build=tiny_build)
+           'train': {**TINY_DICT['train'], 'augment': {'rotation': 90, 'flip': 'both'}}}
+    run = C.run_from_config(cfg, run_dir=tmp_path, build=tiny_build)   # the one cascade function that resolves a config itself
     cas = C.Cascade.load(run)
     assert cas.stage1 is None and cas.task == 'binary'
     pred = pd.read_csv(run/'predictions.csv')
@@ -129,13 +132,13 @@ def test_binary_mode_breakhis(tmp_path, breakhis_sample):
     res = pd.DataFrame(C.predict_files(run, list(pred['image_path'])))
     assert pred['p_malignant'].std() > 1e-4
     np.testing.assert_allclose(res['p_malignant'], pred['p_malignant'], atol=1e-5)
-    assert list(res['label']) == list(pred['pred_label'])
+    assert list(res['pred_label']) == list(pred['pred_label'])
 
 
 @pytest.mark.slow  # the report batch in test_report.py runs the same quick ResNet-50 path
 def test_run_from_config_real_resnet50_quick(tmp_path):
     "The shipped demo preset through the real ResNet-50 builder, in quick mode (1 epoch of 2 steps at 32 px)."
-    cfg = T.load_config('demo').replace(**{'data.image_size': 32, 'data.max_images': 40,
+    cfg = load_config('demo').replace(**{'data.image_size': 32, 'data.max_images': 40,
                                         'wavelet': None, 'train.batch_size': 4})
     run = C.run_from_config(cfg, run_dir=tmp_path, quick=True)
     for f in ('config.yaml', 'split.csv', 'metadata.json', 'predictions.csv', 'summary.csv', 'cascade/stage1.keras',
@@ -144,12 +147,12 @@ def test_run_from_config_real_resnet50_quick(tmp_path):
     pred = pd.read_csv(run/'predictions.csv')
     split = pd.read_csv(run/'split.csv')
     assert sorted(pred['image_id']) == sorted(split.loc[split.split == 'test', 'image_id'])
-    assert T.load_config(run/'config.yaml').train.epochs == 1
+    assert RunDir(run).read_config().train.epochs == 1
     # the saved cascade, loaded from disk, reproduces predictions.csv on the same images (from their files)
     res = pd.DataFrame(C.predict_files(run, list(pred['image_path'])))
     np.testing.assert_allclose(res['p_abnormal'], pred['p_abnormal'], atol=1e-5)
     np.testing.assert_allclose(res['p_malignant'], pred['p_malignant'], atol=1e-5)
-    assert list(res['label']) == list(pred['pred_label'])
+    assert list(res['pred_label']) == list(pred['pred_label'])
 
 
 def synthetic_cascade_images(folder: Path, n_per_label: int = 40, size: int = 32, seed: int = 0) -> pd.DataFrame:
@@ -181,6 +184,7 @@ def test_each_stage_learns_its_own_target(tmp_path):
                      'augment': {'enabled': False}, 'clr': {'initial_learning_rate': 3e-3, 'maximal_learning_rate': 1e-2}}}
     manifest = synthetic_cascade_images(tmp_path / 'images')
     build = lambda c: small_cnn((32, 32, 1), blocks=2, width=8)
+    cfg = load_config(cfg)
     cas = C.Cascade.from_config(cfg, build).fit(manifest, cfg, tmp_path / 'run')
     split = pd.read_csv(tmp_path / 'run' / 'split.csv', dtype={'image_id': str})
     test = C.predictions_frame(cas, manifest[manifest.image_id.isin(split.loc[split.split == 'test', 'image_id'])])
@@ -190,3 +194,35 @@ def test_each_stage_learns_its_own_target(tmp_path):
     auc2 = roc_auc_score(ab.true_label == 'malignant', ab.p_malignant)      # stage 2 on its own target
     print(f'stage 1: AUC for abnormal {auc1:.2f}; stage 2: AUC for malignant {auc2:.2f}')
     assert auc1 >= 0.95 and auc2 >= 0.95, (auc1, auc2)   # 1.00 and 1.00; with the targets swapped 0.80 and 0.65
+
+
+def test_library_functions_take_a_config_not_a_dict():
+    "Only run_from_config resolves a config; the rest say so when handed a dict or a path."
+    for call in (lambda: C.small_stage(TINY_DICT), lambda: C.quick_config('demo'), lambda: C.Cascade(config=TINY_DICT),
+                 lambda: C.cross_validate(TINY_DICT), lambda: C.prepare(TINY_DICT)):
+        with pytest.raises(ConfigError, match='load_config'): call()
+
+
+def test_one_prediction_column_set(fitted, manifest, tmp_path, mias_sample):
+    """predictions.csv, Cascade.predict, predict_table and the CLI's JSON all name their columns from one definition:
+    data.PREDICTION_COLUMNS, plus cascade.PREDICT_EXTRA for what only a prediction of new images carries."""
+    cas, _ = fitted
+    contract, extra = list(data.PREDICTION_COLUMNS), list(C.PREDICT_EXTRA)
+    test = manifest[manifest.split == 'test']
+    run = RunDir(tmp_path/'run'); run.path.mkdir(); cas.save(run.cascade.path)
+    run.write_predictions(C.predictions_frame(cas, test))
+    assert list(run.read_predictions().columns[:len(contract)]) == contract                       # predictions.csv
+    files = list(test['image_path'][:2])
+    by_files, by_rows = cas.predict(files), cas.predict(test.head(2))
+    assert set(by_files.columns) <= set(contract) and set(by_rows.columns) <= set(contract)       # Cascade.predict
+    assert 'label' not in by_files and 'path' not in by_files
+    table = C.predict_table(run.path, files)
+    assert set(table.columns) <= set(contract) | set(extra) and set(extra[:2]) <= set(table.columns)
+    assert [list(r) for r in C.predict_files(run.path, files)] == [list(table.columns)] * 2     # predict_files: its rows
+    out = subprocess.run([sys.executable, '-c', 'import sys; from breast_cancer.cli import main; sys.exit(main())',
+                          'predict', '--model', str(run.path), *files],
+                         capture_output=True, text=True, env={**os.environ, 'TF_CPP_MIN_LOG_LEVEL': '3'})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
+    assert [list(r) for r in rows] == [list(table.columns)] * 2                                   # the CLI's JSON
+    np.testing.assert_allclose([r['p_malignant'] for r in rows], table['p_malignant'], atol=1e-5)

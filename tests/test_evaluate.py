@@ -33,7 +33,7 @@ def test_bootstrap_replicates_equal_sklearn_with_weights():
     rng = np.random.default_rng(3)
     g = rng.integers(0, 40, 300); y = rng.random(300) < .4; s = np.round(rng.random(300) * .6 + y * .3, 2)
     pred = s >= .5
-    codes, G = bm._group_codes(g, len(y))
+    codes, G = bm.group_codes(g, len(y))
     W = next(bm.bootstrap_weights(G, 5, seed=1))
     rc = bm._RankCurves(y, s, codes, G)
     auc, ap = rc.auc(*rc.weighted(W)), rc.average_precision(*rc.weighted(W))
@@ -165,18 +165,18 @@ def test_evaluate_run_uses_saved_thresholds(tmp_path, mias_predictions):
     run = tmp_path / 'run'; (run / 'cascade').mkdir(parents=True)
     mias_predictions.to_csv(run / 'oof_predictions.csv', index=False)
     with pytest.raises(DataError, match='predictions.csv not found'): ev.evaluate_run(run, n_boot=50)
-    res = ev.evaluate_run(run, 'oof_predictions.csv', n_boot=50)            # no cascade.json: thresholds 0.5
+    res = ev.evaluate_run(run, 'oof', n_boot=50)                            # no saved cascade: thresholds 0.5
     y = mias_predictions.true_label != 'normal'
     assert res.stage1['sensitivity'] == pytest.approx(((mias_predictions.p_abnormal >= .5) & y).sum() / y.sum())
     (run / 'cascade' / 'cascade.json').write_text('{"threshold1": 0.3, "threshold2": 0.7}')
-    res = ev.evaluate_run(run, 'oof_predictions.csv', n_boot=50)
+    res = ev.evaluate_run(run, 'oof_predictions.csv', n_boot=50)            # the file name still works
     assert res.stage1['sensitivity'] == pytest.approx(((mias_predictions.p_abnormal >= .3) & y).sum() / y.sum())
     table = pd.read_csv(run / 'oof_metrics.csv')
     assert set(table['part']) == {'stage1', 'stage2', 'end_to_end', 'three_class'}
     assert 'stage 1 0.300, stage 2 0.700' in (run / 'oof_metrics.md').read_text()
     assert not [p for p in run.iterdir() if p.name.endswith('.tmp')]
     (run / 'cascade' / 'cascade.json').write_text('{broken')
-    with pytest.raises(DataError, match='not valid JSON'): ev.evaluate_run(run, 'oof_predictions.csv', n_boot=50)
+    with pytest.raises(DataError, match='cascade.json: not a readable JSON file'): ev.evaluate_run(run, 'oof', n_boot=50)
 
 
 def test_clustered_delong_matches_patient_bootstrap():

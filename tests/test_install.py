@@ -1,7 +1,8 @@
 """A plain install, as a pip or Colab user gets it: build the wheel of this checkout, install it WITHOUT extras into a
 fresh virtual environment (no system site-packages, so a missing runtime requirement fails here), then use it from an
-empty folder: import every module, run the CLI, load every preset by name, load the bundled samples, train nothing,
-and execute one module notebook with only that notebook file present.
+empty folder: import every module, run the CLI, load every preset by name, load the bundled samples, and execute one
+module notebook and the tour (which trains the demo cascade with the small stand-in network) with only that notebook
+file present, as Colab runs them.
 
 pip fetches the dependencies from the package index (or its cache; set PIP_NO_INDEX=1 and PIP_FIND_LINKS=<wheelhouse>
 to run it offline). The environment is built once per session and takes a few minutes (measured in the report)."""
@@ -132,10 +133,32 @@ def test_module_notebook_runs_alone_after_a_plain_install(plain, tmp_path):
     written = {p.relative_to(tmp_path/'work').parts[0] for p in (tmp_path/'work').rglob('*')}
     assert written <= {'02_wavelet.ipynb', '02_wavelet.out.ipynb', 'data', 'runs', 'reports'}, written
 
+def test_tour_runs_alone_after_a_plain_install(plain, tmp_path):
+    "nbs/tour.ipynb alone in an empty folder, as on Colab: the whole pipeline on the bundled sample, in under 3 minutes."
+    py, _ = plain
+    env = plain_env(py.parent.parent)
+    notebook = ROOT/'nbs'/'tour.ipynb'
+    run([py, '-m', 'pip', 'install', '-q', *setup_cell_specs(notebook)['nbdev']], cwd=tmp_path, env=env)  # as the cell would
+    res = run_notebook_alone(py, notebook, tmp_path/'work')
+    print(f"\ntour alone: {res['wall_s']} s wall ({res['seconds']} s executing {res['cells']} cells)")
+    assert res['cells'] > 15
+    assert res['wall_s'] < 180, f"the tour took {res['wall_s']} s: it must run in under 3 minutes on 2 cores"
+    written = {p.relative_to(tmp_path/'work').parts[0] for p in (tmp_path/'work').rglob('*')}
+    assert written <= {'tour.ipynb', 'tour.out.ipynb', 'data', 'runs', 'reports'}, written
+
 _SETUP_CELL = re.compile(r"^#\| hide\n# Setup \(Colab.*\nfrom breast_cancer\.core import setup_runtime\nsetup_runtime\(\);?$", re.S)
 
-@pytest.mark.parametrize('notebook', sorted(p.relative_to(ROOT/'nbs').as_posix() for p in (ROOT/'nbs').rglob('*.ipynb')
-                                            if '.ipynb_checkpoints' not in p.parts))
+def _doc_notebooks() -> list[str]:
+    "Every notebook of the docs site: all of nbs/ (tour, fixtures and tutorials included) except nbdev's ignored `_*` files."
+    return sorted(p.relative_to(ROOT/'nbs').as_posix() for p in (ROOT/'nbs').rglob('*.ipynb')
+                  if '.ipynb_checkpoints' not in p.parts and not p.name.startswith('_'))
+
+def test_the_notebook_check_covers_every_page():
+    "The parametrized check below sees the pages added by the restructuring (and would see any new one)."
+    assert {'tour.ipynb', 'fixtures.ipynb', '00b_rundir.ipynb', '01c_io.ipynb', '01d_cache.ipynb', '04a_distribute.ipynb',
+            '05a_metrics.ipynb', '06b_audit.ipynb', 'tutorials/colab_cbis_ddsm.ipynb'} <= set(_doc_notebooks())
+
+@pytest.mark.parametrize('notebook', _doc_notebooks())
 def test_every_notebook_starts_with_the_setup_cell_and_a_badge(notebook):
     "The first code cell readies a bare runtime (Colab), a badge opens the page on Colab, no cell reaches outside (fix: .ci/notebook_setup_cell.py)."
     nb = json.loads((ROOT/'nbs'/notebook).read_text())

@@ -433,3 +433,11 @@ def test_mirrored_strategy_two_logical_cpus_trains_a_step(tmp_path):
     assert out['trainable'] > 2 and out['changed'] >= out['trainable'] - 2, out
     assert all(p.endswith('_bn/gamma') for p in out['same']), out['same']
     assert 'Mirrored' in out['variable_type']
+
+
+def test_clr_modes_are_the_schema_choices():
+    "Every `train.clr.mode` the schema allows has a schedule class, and no other mode does (issue 24: one source)."
+    from breast_cancer.config import choices
+    from breast_cancer.model import CLR_MODES, CyclicalLearningRate
+    assert list(CLR_MODES) == list(choices('train.clr.mode'))
+    assert all(issubclass(c, CyclicalLearningRate) for c in CLR_MODES.values())

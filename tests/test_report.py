@@ -20,7 +20,7 @@ def env(isolated_dirs):
 
 @pytest.fixture(scope='module')
 def idc_root(env):
-    from breast_cancer.histo import make_idc_tree
+    from breast_cancer.fixtures import make_idc_tree
     return make_idc_tree(env / 'idc', n_patients=6, patches_per_patient=12, seed=0)
 
 

@@ -8,6 +8,7 @@ from PIL import Image
 
 from breast_cancer import data, report, audit as au
 from breast_cancer.cli import main
+from breast_cancer.config import load_config
 
 SHARED_PUBLISHED = Path(__file__).resolve().parents[1].parent / 'shared' / 'PUBLISHED_RESULTS.md'
 
@@ -93,7 +94,7 @@ def test_audit_of_the_bundled_split_is_clean(isolated_dirs, repo_root, capsys):
 def test_training_writes_tensorboard_events(isolated_dirs, tmp_path):
     import keras, tensorflow as tf
     from breast_cancer import train as T
-    c = T.load_config({'name': 'tb', 'data': {'image_size': 32, 'max_images': 40, 'val_size': 0.2, 'test_size': 0.2},
+    c = load_config({'name': 'tb', 'data': {'image_size': 32, 'max_images': 40, 'val_size': 0.2, 'test_size': 0.2},
                        'wavelet': None, 'model': {'weights': None},
                        'train': {'epochs': 2, 'batch_size': 8, 'steps_per_epoch': 3, 'validation_steps': 1}})
     m = T.cache_manifest(T.ensure_split(T.load_manifest(c), c), c, progress=False)
@@ -140,21 +141,21 @@ def test_predict_out_writes_probabilities_thresholds_and_breast_scores(isolated_
     def build(config):
         x = inp = keras.Input((32, 32, 1)); x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(2, 3)(x))
         return keras.Model(inp, keras.layers.Dense(1, activation='sigmoid')(x))
-    c = T.load_config(tiny); m = T.cache_manifest(T.ensure_split(T.load_manifest(c), c), c, progress=False)
+    c = load_config(tiny); m = T.cache_manifest(T.ensure_split(T.load_manifest(c), c), c, progress=False)
     cas = C.Cascade.from_config(c, build).fit(m, c, tmp_path / 'run'); cas.save(tmp_path / 'cascade')
     imgs = [str(p) for p in m.image_path[:4]]
-    pd.DataFrame({'path': imgs, 'patient_id': ['A', 'A', 'A', 'B'], 'laterality': ['L', 'L', 'R', 'L'],
+    pd.DataFrame({'image_path': imgs, 'patient_id': ['A', 'A', 'A', 'B'], 'laterality': ['L', 'L', 'R', 'L'],
                   'view': ['CC', 'MLO', 'CC', 'CC']}).to_csv(views := tmp_path / 'views.csv', index=False)
     assert main(['predict', '--model', str(tmp_path / 'cascade'), *imgs, '--out', str(out := tmp_path / 'p.csv'), '--views', str(views)]) == 0
     err = capsys.readouterr().err
     assert f'abnormal when p_abnormal >= {cas.threshold1:.4f}' in err and f'malignant when p_malignant >= {cas.threshold2:.4f}' in err
     t = pd.read_csv(out)
-    assert list(t.columns[:6]) == ['path', 'p_abnormal', 'p_malignant', 'threshold_abnormal', 'threshold_malignant', 'label']
+    assert list(t.columns[:6]) == ['image_path', 'p_abnormal', 'p_malignant', *C.PREDICT_EXTRA[:2], 'pred_label']
     assert len(t) == 4 and (t.threshold_malignant == cas.threshold2).all()
     np.testing.assert_allclose(t.breast_p_malignant[:2], t.p_malignant[:2].mean(), rtol=1e-6)   # A-L: mean of its CC and MLO
     np.testing.assert_allclose(t.breast_p_malignant[2:], t.p_malignant[2:], rtol=1e-6)           # one-view breasts
     exp = np.where(t.p_abnormal < cas.threshold1, 'normal', np.where(t.p_malignant >= cas.threshold2, 'malignant', 'benign'))
-    assert list(t.label) == list(exp)
+    assert list(t.pred_label) == list(exp)
 
 
 def test_mlflow_logger_logs_params_metrics_and_artifacts(tmp_path, monkeypatch):
@@ -167,7 +168,7 @@ def test_mlflow_logger_logs_params_metrics_and_artifacts(tmp_path, monkeypatch):
                                                  'log_artifact', 'end_run')})
     monkeypatch.setitem(sys.modules, 'mlflow', fake)
     monkeypatch.delenv('MLFLOW_TRACKING_URI', raising=False)
-    c = T.load_config({'name': 'mlf', 'tracking': 'mlflow', 'model': {'weights': None}})
+    c = load_config({'name': 'mlf', 'tracking': 'mlflow', 'model': {'weights': None}})
     (stage := tmp_path / 'run' / 'stage1' / 'checkpoints').mkdir(parents=True); (stage / 'best.keras').write_text('x')
     cbs = T.tracking_callbacks(c, tmp_path / 'run', 'stage1')
     assert [type(cb).__name__ for cb in cbs] == ['TensorBoard', 'LearningRateLogger', 'MLflowLogger']

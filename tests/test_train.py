@@ -191,6 +191,17 @@ def test_deterministic_for_a_seed(manifest, tmp_path):
     assert runs[0][0] != runs[2][0]
 
 
+def test_library_functions_take_a_resolved_config(manifest, tmp_path):
+    "The config is resolved once, at the call site: a dict, a path or a preset name is refused with a message that says so."
+    for bad in (TINY, 'demo', tmp_path/'c.yaml'):
+        with pytest.raises(ConfigError, match=r"train takes a Config, got \w+: resolve it once at the call site"):
+            T.train(tiny_model(), manifest, bad, run_dir=tmp_path, verbose=0)
+    for name, call in (('make_dataset', lambda: T.make_dataset(manifest, TINY)), ('init_run_dir', lambda: T.init_run_dir(TINY)),
+                       ('stage_done', lambda: T.stage_done(tmp_path, 'stage1', TINY, manifest))):
+        with pytest.raises(ConfigError, match=f'{name} takes a Config'): call()
+    assert not list(tmp_path.iterdir())                       # refused before anything was written
+
+
 def test_no_validation_rows_is_a_clear_error(manifest, tmp_path):
     c = T.load_config(TINY).replace(**{'data.val_size': 0.0})
     with pytest.raises(DataError, match=r'no validation rows for stage1 \(abnormal\): set data.val_size > 0'):
@@ -211,7 +222,8 @@ def test_clr_schedule_from_config():
     assert T.clr_schedule(c.replace(**{'train.clr.step_size': 7}), 5).get_config()['step_size'] == 7
 
 
-# ---------------------------------------------------------------- issue 12: fine-tuning, LR, class weights, learnability
+# ---------------------------------------------------------------- issue 12: fine-tuning, LR, class weights
+# (the learnability checks moved to tests/test_bench.py with the benchmark)
 class _PhaseProbe(keras.callbacks.Callback):
     "Records, per fit call, the trainable weights and the learning rate the optimizer applies at each step."
     def __init__(self): super().__init__(); self.trainable, self.lrs = [], []
@@ -261,32 +273,3 @@ def test_class_weights_reach_the_loss(manifest, tmp_path):
     h = T.train(model, manifest, c, run_dir=tmp_path / 'run', verbose=0)
     assert h.history['loss'][0] == pytest.approx((w * losses).sum() / len(y), rel=1e-4)
     assert abs((w * losses).sum() / len(y) - losses.mean()) > 1e-3
-
-
-def test_learnability_small_cnn_learns_an_easy_signal(cache_env, tmp_path):
-    "The tiny learnability check: a few steps on bright discs; the loss falls and the test AUC is far above chance."
-    curve = T.learnability({**TINY, 'train': {'batch_size': 16}}, models=('small_cnn',), steps=40, eval_every=20,
-                           amplitude=0.8, size=0.1, kind='disc', workdir=tmp_path, log_fn=None,
-                           overrides={'train.clr.maximal_learning_rate': 0.05})
-    print(curve.to_string())
-    assert list(curve['step']) == [20, 40, 40] and curve['final'].tolist() == [False, False, True]
-    assert curve['loss'].iloc[1] < curve['loss'].iloc[0]
-    assert curve['test_auc'].iloc[-1] > 0.8
-    assert curve['p_max'].iloc[-1] - curve['p_min'].iloc[-1] > 0.1    # not a constant prediction
-
-
-def test_learnability_trains_a_random_init_backbone_with_the_from_scratch_recipe(cache_env, tmp_path, monkeypatch):
-    "A backbone without pretrained weights gets FROM_SCRATCH (Adam); the small CNN and explicit overrides keep theirs."
-    from breast_cancer import model as bc_model
-    seen = []
-    monkeypatch.setattr(bc_model, 'build_model', lambda *a, **k: small_cnn((32, 32, 1), blocks=1, width=4))
-    def fake_train(net, task, c, **k):   # records what each model would train with; the callback measures the untrained net
-        seen.append((k['run_dir'].name, c.train.optimizer, c.get('train.clr.maximal_learning_rate'))); k['callbacks'][0].set_model(net)
-    monkeypatch.setattr(T, 'train', fake_train)
-    T.learnability({**TINY, 'model': {'weights': None}}, steps=2, eval_every=2, workdir=tmp_path, log_fn=None)
-    assert seen[0][:2] == ('resnet50', 'adam') and seen[0][2] == T.FROM_SCRATCH['train.clr.maximal_learning_rate']
-    assert seen[1][0] == 'small_cnn' and seen[1][1] != 'adam'            # the reference CNN keeps the config's optimizer
-    seen.clear()
-    T.learnability({**TINY, 'model': {'weights': None}}, steps=2, eval_every=2, workdir=tmp_path / 'b', log_fn=None,
-                   overrides={'train.clr.maximal_learning_rate': 0.02})
-    assert seen[0][1] == 'adam' and seen[0][2] == 0.02                      # an explicit key wins over the recipe
