@@ -204,7 +204,7 @@ def _texture_matrix(manifest: pd.DataFrame, images, size: int|None, wavelet: str
 
 # %% ../nbs/06_evaluate.ipynb #18a0ccfb
 def classical_baseline(manifest: pd.DataFrame, # rows with `split` (train/val/test), `patient_id`, `abnormal`, `malignant`
-                       images=None, # one image per row (arrays); None = read `image_path` with `data.read_image`
+                       images=None, # one image per row (arrays); None = read `image_path` with `io.read_image`
                        size: int|None = None, # resize the longer side to this before the features; None = as read
                        wavelet: str = 'db4', # wavelet of the features
                        level: int = 4, # decomposition levels

@@ -237,7 +237,7 @@ def lesion_contrast(image, # 2-D greyscale image
 
 # %% ../nbs/02_wavelet.ipynb #21a04a82
 _ALGORITHM_VERSION = 1  # bump when the numbers a preprocessor produces change, to invalidate cached images
-WAVELET_AT = choices('wavelet.at')  # 'source' or 'model': where `data.cache_images` runs the wavelet: before or after resizing to the cache size
+WAVELET_AT = choices('wavelet.at')  # 'source' or 'model': where `cache.cache_images` runs the wavelet: before or after resizing to the cache size
 AT_DEFAULT = 'model'  # measured choice: see 'Where the wavelet runs' below
 
 @dataclass(frozen=True)
@@ -472,7 +472,7 @@ def stain_normalize(image, # RGB image: float32 in [0, 1] or uint8
 
 # %% ../nbs/02_wavelet.ipynb #14dd360c
 class TransformChain:
-    "Picklable sequence of image transforms applied in order, with a combined `cache_key` (for `data.cache_images`)."
+    "Picklable sequence of image transforms applied in order, with a combined `cache_key` (for `cache.cache_images`)."
     def __init__(self, *transforms):
         for t in transforms:
             if not callable(t) or not isinstance(getattr(t, 'cache_key', None), str):
