@@ -121,30 +121,28 @@ print(json.dumps({'modules': mods, 'presets': {n: load_config(n).name for n in p
         (ROOT/'breast_cancer'/'configs'/'paper_resnet50_cascade.yaml').read_text()
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # loading wrote nothing
 
+def notebook_alone_after_plain_install(plain, tmp_path, name: str) -> dict:
+    "Run nbs/`name` alone in an empty folder with the plain install (nbdev added as its setup cell would); check it wrote only its outputs."
+    py, _ = plain
+    notebook = ROOT/'nbs'/name
+    run([py, '-m', 'pip', 'install', '-q', *setup_cell_specs(notebook)['nbdev']], cwd=tmp_path, env=plain_env(py.parent.parent))
+    res = run_notebook_alone(py, notebook, tmp_path/'work')
+    written = {p.relative_to(tmp_path/'work').parts[0] for p in (tmp_path/'work').rglob('*')}
+    assert written <= {name, notebook.stem + '.out.ipynb', 'data', 'runs', 'reports'}, written
+    return res
+
 def test_module_notebook_runs_alone_after_a_plain_install(plain, tmp_path):
     "nbs/02_wavelet.ipynb alone in an empty folder: its first cell finds everything installed and reaches no network."
-    py, _ = plain
-    env = plain_env(py.parent.parent)
-    notebook = ROOT/'nbs'/'02_wavelet.ipynb'
-    run([py, '-m', 'pip', 'install', '-q', *setup_cell_specs(notebook)['nbdev']], cwd=tmp_path, env=env)  # as the cell would
-    res = run_notebook_alone(py, notebook, tmp_path/'work')
+    res = notebook_alone_after_plain_install(plain, tmp_path, '02_wavelet.ipynb')
     print(f'\n02_wavelet alone: {res}')
     assert res['cells'] > 40 and res['skipped'] >= 1
-    written = {p.relative_to(tmp_path/'work').parts[0] for p in (tmp_path/'work').rglob('*')}
-    assert written <= {'02_wavelet.ipynb', '02_wavelet.out.ipynb', 'data', 'runs', 'reports'}, written
 
 def test_tour_runs_alone_after_a_plain_install(plain, tmp_path):
     "nbs/tour.ipynb alone in an empty folder, as on Colab: the whole pipeline on the bundled sample, in under 3 minutes."
-    py, _ = plain
-    env = plain_env(py.parent.parent)
-    notebook = ROOT/'nbs'/'tour.ipynb'
-    run([py, '-m', 'pip', 'install', '-q', *setup_cell_specs(notebook)['nbdev']], cwd=tmp_path, env=env)  # as the cell would
-    res = run_notebook_alone(py, notebook, tmp_path/'work')
+    res = notebook_alone_after_plain_install(plain, tmp_path, 'tour.ipynb')
     print(f"\ntour alone: {res['wall_s']} s wall ({res['seconds']} s executing {res['cells']} cells)")
     assert res['cells'] > 15
     assert res['wall_s'] < 180, f"the tour took {res['wall_s']} s: it must run in under 3 minutes on 2 cores"
-    written = {p.relative_to(tmp_path/'work').parts[0] for p in (tmp_path/'work').rglob('*')}
-    assert written <= {'tour.ipynb', 'tour.out.ipynb', 'data', 'runs', 'reports'}, written
 
 _SETUP_CELL = re.compile(r"^#\| hide\n# Setup \(Colab.*\nfrom breast_cancer\.core import setup_runtime\nsetup_runtime\(\);?$", re.S)
 
