@@ -4,15 +4,16 @@
 
 # %% ../nbs/00_core.ipynb #05011779
 from __future__ import annotations
-import contextlib, hashlib, json, logging, os, random, re, shutil, socket, stat, sys, tempfile, time
+import contextlib, errno, hashlib, json, logging, os, random, re, shutil, socket, stat, sys, tempfile, time
 from pathlib import Path
 import numpy as np
 
 # %% auto #0
 __all__ = ['BreastCancerError', 'DataError', 'ConfigError', 'WeightsUnavailableError', 'TrainingError', 'LockedError',
            'project_root', 'data_dir', 'cache_dir', 'runs_dir', 'reports_dir', 'package_dir', 'sample_dir',
-           'setup_runtime', 'seed_everything', 'get_logger', 'atomic_path', 'atomic_write_text', 'check_name',
-           'path_inside', 'folder_lock', 'moved_names', 'file_sha256', 'config_hash']
+           'setup_runtime', 'seed_everything', 'get_logger', 'atomic_path', 'atomic_write_text', 'csv_safe',
+           'atomic_write_csv', 'read_csv_safe', 'check_name', 'path_inside', 'folder_lock', 'moved_names',
+           'file_sha256', 'config_hash']
 
 # %% ../nbs/00_core.ipynb #ab267530
 class BreastCancerError(Exception):
@@ -145,6 +146,10 @@ def _normal_mode(target: Path, is_dir: bool) -> int:
     try: return stat.S_IMODE(os.stat(target).st_mode)
     except OSError: return (0o777 if is_dir else 0o666) & ~_umask()
 
+def _disk_full(e: BaseException) -> bool:
+    "Is `e` a full disk? (ENOSPC, or NumPy's 'N requested and M written' when `tofile` runs out of space.)"
+    return isinstance(e, OSError) and (e.errno == errno.ENOSPC or ' requested and ' in str(e))
+
 @contextlib.contextmanager
 def atomic_path(target, # the file or folder to (re)place
                 is_dir: bool = False, # yield a temporary folder instead of a file path
@@ -161,8 +166,10 @@ def atomic_path(target, # the file or folder to (re)place
             old = target.with_name(f'.{target.name}.old'); shutil.rmtree(old, ignore_errors=True)
             target.rename(old); tmp.rename(target); shutil.rmtree(old, ignore_errors=True)
         else: os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        if _disk_full(e): raise DataError(f'no space left in {target.parent} while writing {target.name}: free some space, '
+                                          'or write elsewhere (--out-dir, --run-dir)') from e
         raise
 
 # %% ../nbs/00_core.ipynb #2446db7a
@@ -170,6 +177,35 @@ def atomic_write_text(path, text: str) -> Path:
     "Write `text` to `path` atomically."
     with atomic_path(path) as tmp: Path(tmp).write_text(text, encoding='utf-8')
     return Path(path)
+
+# %% ../nbs/00_core.ipynb #f33d46f1
+_FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
+
+def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
+    "A copy of `df` whose text cells starting with `= + - @` (or a tab or carriage return) get a leading `'`."
+    import pandas as pd   # here, so that importing core stays light
+    def cell(v): return "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v
+    out = df.copy()
+    for col in out.columns:
+        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]): out[col] = out[col].map(cell)
+    if out.index.dtype == object: out.index = out.index.map(cell)
+    return out
+
+# %% ../nbs/00_core.ipynb #8267eaba
+def atomic_write_csv(df: pd.DataFrame, path, **kwargs) -> Path:
+    "Write `df` to `path` atomically, with formula-like text cells made safe (`csv_safe`); `kwargs` go to `to_csv`."
+    with atomic_path(path) as tmp: csv_safe(df).to_csv(tmp, **kwargs)
+    return Path(path)
+
+# %% ../nbs/00_core.ipynb #5c45da09
+def read_csv_safe(path, **kwargs) -> pd.DataFrame:
+    "Read a CSV written by `atomic_write_csv`, removing the `'` it put before formula-like text; `kwargs` go to `read_csv`."
+    import pandas as pd
+    df = pd.read_csv(path, **kwargs)
+    undo = lambda v: v[1:] if isinstance(v, str) and v[:1] == "'" and v[1:2] in _FORMULA_START and len(v) > 1 else v
+    for col in df.columns:
+        if df[col].dtype == object or pd.api.types.is_string_dtype(df[col]): df[col] = df[col].map(undo)
+    return df
 
 # %% ../nbs/00_core.ipynb #ffca17e3
 _PLAIN_NAME = re.compile(r'[A-Za-z0-9_.-]+')
