@@ -4,10 +4,10 @@
 
 # %% ../nbs/08_cli.ipynb #ed27cc16
 from __future__ import annotations
-import argparse, logging, os, sys
+import argparse, contextlib, errno, logging, os, signal, sys
 from pathlib import Path
 from . import __version__
-from .core import BreastCancerError, get_logger, reports_dir
+from .core import BreastCancerError, ConfigError, DataError, get_logger, quiet_tensorflow, reports_dir
 
 # %% auto #0
 __all__ = ['build_parser', 'main']
@@ -46,8 +46,7 @@ def _epilog(name: str) -> str|None:
 def _set_verbosity(level: int, # 0: warnings; 1 (-v): info and progress; 2 (-vv): debug and TensorFlow's C++ log
                   ):
     "Set the package's log level and TensorFlow's C++ log level for a -v count."
-    if level >= 2: os.environ['TF_CPP_MIN_LOG_LEVEL'] = '0'
-    else: os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # an explicit setting in the environment wins
+    quiet_tensorflow(level)  # before TensorFlow is first imported; a level already in the environment wins below -vv
     get_logger().setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(max(level, 0), 2)])
 
 # %% ../nbs/08_cli.ipynb #0eb85ee0
@@ -71,7 +70,10 @@ def _configs(args):
         if args.set:  # the resolved config: the preset with the overrides applied and checked by the schema
             from breast_cancer.config import apply_overrides
             print(apply_overrides(args.name, args.set).to_yaml(), end='')
-        else: print(config_path(args.name).read_text(encoding='utf-8'), end='')  # the file as shipped, comments included
+        else:  # the file as shipped, comments included: a preset, or a file that loads as a config (not any file at all)
+            from breast_cancer.config import load_config
+            if args.name not in presets(): load_config(args.name)
+            print(config_path(args.name).read_text(encoding='utf-8'), end='')
         return
     for name, path in presets().items():
         first = next((l.lstrip('# ').strip() for l in path.read_text(encoding='utf-8').splitlines() if l.startswith('#')), '')
@@ -102,34 +104,69 @@ def _add_download(sub):
 # %% ../nbs/08_cli.ipynb #5f211e51
 def _prepare(args):
     from breast_cancer.cascade import prepare
-    from breast_cancer.config import load_config
-    m = prepare(load_config(args.config), verify=args.verify)   # the config, resolved once here
+    from breast_cancer.config import apply_overrides
+    m = prepare(apply_overrides(args.config, args.set), verify=args.verify)   # the config, resolved once here
     print(f"{'verified and ' if args.verify else ''}cached {len(m)} images ({m['cache_path'].map(lambda p: str(p).rsplit('/', 2)[0]).nunique()} cache folder(s))")
 
 # %% ../nbs/08_cli.ipynb #d95cadf2
 def _add_prepare(sub):
     sp = _subcommand(sub, 'prepare', _prepare, 'decode, preprocess and cache the images a config needs')
     sp.add_argument('--config', required=True, help=_CONFIG_HELP)
+    sp.add_argument('--set', **_OVERRIDE)
     sp.add_argument('--verify', action='store_true', help='read every cached file in full and rebuild damaged ones')
+
+# %% ../nbs/08_cli.ipynb #9fbceb70
+def _machine_slots() -> tuple[int, str]:
+    "How many training workers this machine holds: its visible NVIDIA GPUs, else its usable CPU cores; and which."
+    gpus = Path('/proc/driver/nvidia/gpus')
+    n = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    visible = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if n and visible is not None: n = min(n, len([d for d in visible.split(',') if d.strip() not in ('', '-1')]))
+    if n: return n, 'GPU'
+    return (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count() or 1), 'CPU core'
+
+# %% ../nbs/08_cli.ipynb #069c3830
+def _check_workers(n: int, # --workers
+                   force: bool = False, # --force-workers: start more than the machine holds
+                  ) -> int:
+    "`n` when this machine can run that many training workers; else a `ConfigError` saying how many it can."
+    if n < 1: raise ConfigError(f'--workers {n}: give 1 or more worker processes (or leave --workers out to train in this process)')
+    slots, what = _machine_slots()
+    if n > slots and not force:
+        raise ConfigError(f"--workers {n}: this machine has {slots} {what}{'s' if slots != 1 else ''}, and each worker is a whole "
+                          f"training process (0.7-2 GB of memory): use --workers {slots} or fewer, or add --force-workers to start {n} anyway")
+    return n
 
 # %% ../nbs/08_cli.ipynb #e58daa0e
 def _train(args):
     from breast_cancer.config import apply_overrides
     config = apply_overrides(args.config, args.set)  # a bad key fails here, before TensorFlow loads
-    if args.workers:  # a local multi-worker job: N processes of this same command, each with its TF_CONFIG
+    if args.workers is not None:  # a local multi-worker job: N processes of this same command, each with its TF_CONFIG
+        _check_workers(args.workers, args.force_workers)  # before the cache fills
         from breast_cancer.cascade import prepare, quick_config
         from breast_cancer.distribute import launch_workers, worker_command
         prepare(quick_config(config) if args.quick else config)  # one process fills the cache; the workers read it
         return launch_workers(worker_command(args.argv), args.workers)
     from breast_cancer.cascade import run_from_config
     run_dir = run_from_config(config, run_dir=args.run_dir, quick=args.quick, verbose=1 if args.verbose else 2)
-    print(run_dir); print(_train_logs(Path(run_dir)))
+    print(run_dir); print(_train_logs(Path(run_dir))); print(_model_card(Path(run_dir), config))
 
 # %% ../nbs/08_cli.ipynb #edff091d
 def _train_logs(run_dir) -> str:
     "Where a run's TensorBoard logs are, and the command that shows them."
     logs = run_dir/'tensorboard'
     return f'TensorBoard logs: {logs}\n  view them: tensorboard --logdir {logs}' if logs.exists() else 'no TensorBoard logs (tracking: none)'
+
+# %% ../nbs/08_cli.ipynb #b2994f42
+def _model_card(run_dir: Path, config) -> str:
+    "Write a finished run's model card (the chief's run only); the line saying where it is, or why there is none."
+    from breast_cancer.distribute import is_chief
+    from breast_cancer.rundir import RunDir
+    if not is_chief(config): return 'model card: written by the chief worker'
+    if not RunDir(run_dir).predictions_file('test').exists(): return 'no model card: the run has no test patients (data.test_size: 0)'
+    from breast_cancer.evaluate import write_model_card
+    try: return f'model card: {write_model_card(run_dir, "test", seed=config.seed)}'
+    except BreastCancerError as e: return f'no model card: {e}'   # the run itself is complete
 
 # %% ../nbs/08_cli.ipynb #bacc366d
 def _add_train(sub):
@@ -138,7 +175,9 @@ def _add_train(sub):
     sp.add_argument('--run-dir', default=None, help='run folder (default: runs/<config name>); a killed run resumes here')
     sp.add_argument('--quick', action='store_true', help='tiny settings, to check the pipeline end to end')
     sp.add_argument('--set', **_OVERRIDE)
-    sp.add_argument('--workers', type=int, default=None, help='start N local worker processes (multi-worker, TF_CONFIG generated)')
+    sp.add_argument('--workers', type=int, default=None, help='start N local worker processes (multi-worker, TF_CONFIG generated); '
+                    'at most one per GPU, or per CPU core without GPUs')
+    sp.add_argument('--force-workers', action='store_true', help='start --workers N even when N is more than the GPUs (or CPU cores)')
 
 # %% ../nbs/08_cli.ipynb #25896d0e
 def _evaluate(args):
@@ -195,11 +234,28 @@ def _add_report(sub):
     sp.add_argument('--run-name', default=None, help='report file name (default: the config name)')
     sp.add_argument('--set', **_OVERRIDE)
 
+# %% ../nbs/08_cli.ipynb #42883cd0
+def _check_predict_args(args):
+    "Refuse, before the model loads: a file as --model, a folder as an image, --views or --out, and an --out inside the model's run."
+    from breast_cancer.rundir import RunDir
+    model = Path(args.model).expanduser()
+    if model.is_file(): raise ConfigError(f'--model {model} is a file: pass the run folder (runs/NAME) or a folder written by Cascade.save')
+    if folders := [p for p in args.images if Path(p).is_dir()]:
+        raise DataError(f'{folders[0]} is a folder, not an image file: pass its images, e.g. {Path(folders[0])/"*.png"}')
+    if args.views and Path(args.views).is_dir(): raise DataError(f'--views {args.views} is a folder: pass the views CSV file')
+    if not args.out: return
+    out = Path(args.out).expanduser()
+    if out.is_dir(): raise ConfigError(f'--out {out} is a folder: pass a file name, e.g. {out/"predictions.csv"}')
+    run = model.resolve(); run = run.parent if RunDir(run.parent).config_file.exists() else run  # cascade/ of a run: the run
+    if model.is_dir() and run in out.resolve().parents:
+        raise ConfigError(f"--out {out} lies inside the model folder {run}: write the predictions elsewhere; its files are the run's own")
+
 # %% ../nbs/08_cli.ipynb #8669946a
 def _predict(args):
     import json
     from breast_cancer.cascade import predict_table
-    from breast_cancer.core import atomic_path
+    from breast_cancer.core import atomic_write_csv
+    _check_predict_args(args)
     table = predict_table(args.model, args.images, views=args.views, aggregation=args.aggregation)
     t1, t2 = table['threshold_abnormal'].iloc[0], table['threshold_malignant'].iloc[0]
     print(('' if t1 != t1 else f'thresholds: abnormal when p_abnormal >= {t1:.4f}; ') +
@@ -207,7 +263,7 @@ def _predict(args):
     for rec in table.to_dict(orient='records'):
         print(json.dumps({k: (None if isinstance(v, float) and v != v else v) for k, v in rec.items()}))
     if args.out:
-        with atomic_path(args.out) as tmp: table.to_csv(tmp, index=False)
+        atomic_write_csv(table, args.out, index=False)
         print(f'wrote {len(table)} rows to {args.out}', file=sys.stderr)
 
 # %% ../nbs/08_cli.ipynb #dc3bdaa6
@@ -219,20 +275,31 @@ def _add_predict(sub):
     sp.add_argument('--views', default=None, help='CSV with path, patient_id, laterality (view) per image: adds breast-level scores')
     sp.add_argument('--aggregation', default='mean', choices=['mean', 'max'], help="a breast's score from its views")
 
+# %% ../nbs/08_cli.ipynb #821e95e6
+def _audit_page(name: str) -> Path:
+    "The default audit page, `runs/<name>/audit.html`, for a plain `name` only: never outside the runs folder."
+    from breast_cancer.core import check_name, path_inside, runs_dir, short_repr
+    try: return path_inside(runs_dir(), check_name(name), 'audit.html')
+    except ConfigError: raise ConfigError(f"the audit page's default place runs/<name>/audit.html takes the manifest file's name, and "
+                                          f"{short_repr(name)} is not a plain name (letters, digits, '-', '_', '.'; not '.' or '..'; "
+                                          "at most 255 bytes): pass --out PAGE.html") from None
+
 # %% ../nbs/08_cli.ipynb #bd918c4a
 def _audit(args):
-    import pandas as pd
     from breast_cancer.audit import audit_html, audit_split
-    from breast_cancer.core import ConfigError, runs_dir
-    if args.manifest: manifest, name = pd.read_csv(args.manifest, dtype={'patient_id': str, 'image_id': str}), Path(args.manifest).stem
+    from breast_cancer.core import read_csv_safe
+    if args.manifest: c, name = None, Path(args.manifest).stem
     elif args.config:
         from breast_cancer.config import load_config
-        from breast_cancer.train import ensure_split, load_manifest
         c = load_config(args.config); name = c.name
-        manifest = ensure_split(load_manifest(c), c)
     else: raise ConfigError('audit: pass --config CFG (the split it makes) or --manifest CSV (a manifest with a split column)')
+    out = args.out or _audit_page(name)   # checked before the manifest is read
+    if c is None: manifest = read_csv_safe(args.manifest, dtype={'patient_id': str, 'image_id': str})
+    else:
+        from breast_cancer.train import ensure_split, load_manifest
+        manifest = ensure_split(load_manifest(c), c)
     audit = audit_split(manifest, threshold=args.threshold)
-    out = audit_html(audit, args.out or runs_dir()/name/'audit.html')
+    out = audit_html(audit, out)
     print(audit.summary()); print(f'audit page: {out}')
     return 0 if audit.ok else 1
 
@@ -270,6 +337,38 @@ def build_parser(benchmarks: bool = True, # add the benchmarks' own parsers (imp
     _add_bench(sub, benchmarks)
     return p
 
+# %% ../nbs/08_cli.ipynb #eaa5b788
+def _error(command: str, message) -> int:
+    "Print `breast-cancer COMMAND: error: MESSAGE` on stderr; the exit status 2."
+    print(f'breast-cancer {command}: error: {message}', file=sys.stderr)
+    return 2
+
+# %% ../nbs/08_cli.ipynb #8e08c410
+_DENIED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+def _denied(e: OSError) -> str:
+    "The message for a refused write (or read): the path, its folder, and what to do."
+    p = Path(e.filename or '.'); folder = p if p.is_dir() else p.parent
+    return (f"{e.strerror or 'permission denied'}: {p}: the folder {folder} is read-only or not yours (or the file is unreadable); "
+            "write elsewhere (--out, --out-dir, --run-dir, $BREAST_CANCER_RUNS, $BREAST_CANCER_CACHE) or change its permissions")
+
+# %% ../nbs/08_cli.ipynb #06dda1e3
+class _Stopped(BaseException):
+    "SIGTERM or SIGHUP, raised where the command is (like KeyboardInterrupt for SIGINT), so that its `finally` blocks run."
+    def __init__(self, signum: int): super().__init__(signum); self.signum = signum
+
+@contextlib.contextmanager
+def _signals_raise():
+    "In the block, SIGTERM and SIGHUP raise `_Stopped`; the previous handlers come back after (main may run inside a test)."
+    def stop(signum, frame): raise _Stopped(signum)
+    old = {}
+    for s in (signal.SIGTERM, getattr(signal, 'SIGHUP', None)):
+        try: old[s] = signal.signal(s, stop)
+        except (TypeError, ValueError): pass   # no SIGHUP (Windows), or not the main thread
+    try: yield
+    finally:
+        for s, handler in old.items(): signal.signal(s, handler)
+
 # %% ../nbs/08_cli.ipynb #ab326c07
 def main(argv: list[str]|None = None) -> int:
     "Entry point of the `breast-cancer` command."
@@ -281,7 +380,12 @@ def main(argv: list[str]|None = None) -> int:
         parser.print_help(); return 0
     _set_verbosity(args.verbose)
     try:
-        return int(args.func(args) or 0)
-    except BreastCancerError as e:
-        print(f'breast-cancer {args.command}: error: {e}', file=sys.stderr)
-        return 2
+        with _signals_raise(): return int(args.func(args) or 0)
+    except BreastCancerError as e: return _error(args.command, e)
+    except OSError as e:
+        if e.errno not in _DENIED: raise
+        return _error(args.command, _denied(e))
+    except (KeyboardInterrupt, _Stopped) as e:
+        signum = getattr(e, 'signum', signal.SIGINT)
+        print(f'breast-cancer {args.command}: stopped by {signal.Signals(signum).name}', file=sys.stderr)
+        return 128 + signum

@@ -4,15 +4,15 @@
 
 # %% ../nbs/00a_config.ipynb #d9096fe3
 from __future__ import annotations
-import copy, difflib, math
+import copy, difflib, math, re
 from pathlib import Path
 import yaml
 from fastcore.basics import patch
-from .core import ConfigError, check_name, config_hash, package_dir, project_root
+from .core import ConfigError, check_name, config_hash, package_dir, project_root, short_repr
 
 # %% auto #0
-__all__ = ['SCHEMA', 'ConfigKeyError', 'Config', 'choices', 'check_choice', 'presets', 'config_path', 'register_check',
-           'load_config', 'need_config', 'apply_overrides']
+__all__ = ['MAX_IMAGE_SIZE', 'SCHEMA', 'MAX_CONFIG_BYTES', 'ConfigKeyError', 'Config', 'choices', 'check_choice', 'presets',
+           'config_path', 'register_check', 'load_config', 'need_config', 'apply_overrides']
 
 # %% ../nbs/00a_config.ipynb #44a1a3fb
 class _Field:
@@ -76,8 +76,10 @@ def _name(v):
     try: return check_name(v)
     except ConfigError: raise ValueError from None
 
+MAX_IMAGE_SIZE = 4096  # the long side of the largest full-field digital mammograms; see the schema's notes
+
 def _image_size(v):
-    if isinstance(v, int) and not isinstance(v, bool) and v >= 8: return v
+    if isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= MAX_IMAGE_SIZE: return v
     raise ValueError
 
 # %% ../nbs/00a_config.ipynb #3909dd9d
@@ -141,12 +143,12 @@ _STAIN = {  # the settings of wavelet.StainNormalizer
 
 # %% ../nbs/00a_config.ipynb #bb71c961
 SCHEMA = {
-    'name': _Field('run', _name, "a plain name: letters, digits, '-', '_' and '.' (it names the run folder runs/<name>)"),
+    'name': _Field('run', _name, "a plain name of at most 255 bytes: letters, digits, '-', '_' and '.' (it names the run folder runs/<name>)"),
     'task': _choice('cascade', 'cascade', 'binary'),
     'seed': _num(0, lo=0, integer=True),
     'datasets': None,  # list of _DATASET, checked separately
     'data': {
-        'image_size': _Field(224, _image_size, 'an integer >= 8 (pixels of the square model input)'),
+        'image_size': _Field(224, _image_size, f'an integer in [8, {MAX_IMAGE_SIZE}] (pixels of the square model input)'),
         'channels': _choice(1, 1, 3),
         'input': _choice('whole', 'whole', 'roi'),
         'roi_context': _num(0.5, lo=0.0, hi=5.0),
@@ -217,12 +219,6 @@ SCHEMA = {
     'tracking': _choice('tensorboard', 'tensorboard', 'mlflow', 'none'),  # mlflow: TensorBoard and an MLflow run
 }
 
-# %% ../nbs/00a_config.ipynb #86069007
-def _short(v, n: int = 80) -> str:
-    "`repr(v)` cut to `n` characters: a value in an error message is quoted, never dumped whole."
-    r = repr(v)
-    return r if len(r) <= n else r[:n - 15] + f'... ({len(r)} characters)'
-
 # %% ../nbs/00a_config.ipynb #f5325607
 class ConfigKeyError(ConfigError, AttributeError, KeyError):
     "An unknown config key: a `ConfigError` that is also what attribute and item access raise."
@@ -236,13 +232,13 @@ def _did_you_mean(word, allowed) -> str:
     return f" (did you mean '{by_lower[close[0]]}'?)" if close else ''
 
 def _unknown(key, where, allowed):
-    return ConfigKeyError(f"unknown config key '{key}'{_did_you_mean(key.split('.')[-1], allowed)}: allowed keys in {where} are {', '.join(allowed)}")
+    return ConfigKeyError(f"unknown config key {short_repr(key)}{_did_you_mean(key.split('.')[-1], allowed)}: allowed keys in {where} are {', '.join(allowed)}")
 
 # %% ../nbs/00a_config.ipynb #746c8b08
 def _resolve(user, schema, prefix=''):
     if user is None: user = {}
     if not isinstance(user, dict):
-        raise ConfigError(f"config key '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {_short(user)}")
+        raise ConfigError(f"config key '{prefix.rstrip('.') or '<top>'}' must be a mapping, got {short_repr(user)}")
     for k in user:
         if k not in schema: raise _unknown(prefix + str(k), f"'{prefix.rstrip('.')}'" if prefix else 'the top level', list(schema))
     out = {}
@@ -255,7 +251,7 @@ def _resolve(user, schema, prefix=''):
         except ConfigError: raise
         except (ValueError, TypeError):
             hint = _did_you_mean(v, spec.choices) if spec.choices and isinstance(v, str) else ''
-            raise ConfigError(f"bad value for config key '{key}': {_short(v)}; allowed: {spec.allowed}{hint}") from None
+            raise ConfigError(f"bad value for config key '{key}': {short_repr(v)}; allowed: {spec.allowed}{hint}") from None
     return out
 
 # %% ../nbs/00a_config.ipynb #ae449ed2
@@ -263,7 +259,7 @@ def _resolve_datasets(v):
     if v is None: v = [{'name': 'mias'}]
     if isinstance(v, (str, dict)): v = [v]
     if not isinstance(v, list) or not v:
-        raise ConfigError(f"bad value for config key 'datasets': {_short(v)}; allowed: a list of {{name, root, options}} mappings")
+        raise ConfigError(f"bad value for config key 'datasets': {short_repr(v)}; allowed: a list of {{name, root, options}} mappings")
     out = []
     for i, d in enumerate(v):
         if isinstance(d, str): d = {'name': d}
@@ -342,7 +338,7 @@ def check_choice(value, # the value to check
     name = name or (key.split('.')[-1] if isinstance(key, str) else 'value')
     where = f" (config key '{key}')" if isinstance(key, str) else ''
     hint = _did_you_mean(value, [a for a in allowed if isinstance(a, str)]) if isinstance(value, str) else ''
-    raise ConfigError(f"{name}={_short(value)} is unknown: use one of {', '.join(map(repr, allowed))}{where}{hint}")
+    raise ConfigError(f"{name}={short_repr(value)} is unknown: use one of {', '.join(map(repr, allowed))}{where}{hint}")
 
 # %% ../nbs/00a_config.ipynb #8c02011a
 def presets() -> dict[str, Path]:
@@ -406,7 +402,45 @@ def _check_across(d: dict, where: str = ''):
         got = {k: _shape(s['params'].get(k)) for k in want}
         if set(s['params']) != set(want) or got != want:
             raise ConfigError(f"bad value for config key 'stain.params': {s['method']} needs {', '.join(f'{k} {v}' for k, v in want.items())} "
-                              f"(finite numbers), got {_short(s['params'])}; fit them with StainNormalizer(...).params{where}")
+                              f"(finite numbers), got {short_repr(s['params'])}; fit them with StainNormalizer(...).params{where}")
+
+# %% ../nbs/00a_config.ipynb #977bda1e
+class _StrictLoader(yaml.SafeLoader):
+    "PyYAML's safe loader, refusing aliases (nested ones expand to gigabytes) and duplicate keys (YAML keeps the last silently)."
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            e = self.peek_event()
+            raise ConfigError(f'YAML alias *{e.anchor} at line {e.start_mark.line + 1}: aliases are not allowed in a config '
+                              '(nested ones expand into gigabytes); write the value out')
+        return super().compose_node(parent, index)
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for k, _ in node.value:
+            if k.tag == 'tag:yaml.org,2002:merge': continue
+            key = self.construct_object(k, deep=True)
+            if isinstance(key, (str, int, float, bool, type(None))) and key in seen:
+                raise ConfigError(f'duplicate key {short_repr(key)} at lines {seen[key]} and {k.start_mark.line + 1}: '
+                                  'YAML would keep only the last one; remove one of them')
+            seen[key] = k.start_mark.line + 1
+        return super().construct_mapping(node, deep)
+
+# %% ../nbs/00a_config.ipynb #10b5ecee
+MAX_CONFIG_BYTES = 1 << 20  # 1 MB: a run config is a few KB
+
+def _read_config_file(p: Path) -> dict:
+    "The mapping in config file `p`: at most 1 MB of UTF-8 YAML, without aliases or duplicate keys, and not empty."
+    with open(p, 'rb') as f: raw = f.read(MAX_CONFIG_BYTES + 1)
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f'config file {p} is larger than 1 MB: a run config is a few KB of YAML; is it the right file?')
+    try: text = raw.decode('utf-8')
+    except UnicodeDecodeError: text = '\0'
+    if '\0' in text: raise ConfigError(f'config file {p} is not a text file: pass a YAML run config (`breast-cancer configs show demo` prints one)')
+    try: data = yaml.load(text, Loader=_StrictLoader)
+    except ConfigError as e: raise ConfigError(f'config file {p}: {e}') from None
+    except yaml.YAMLError as e: raise ConfigError(f'config file {p} is not valid YAML: {e}') from None
+    if data is None: raise ConfigError(f'config file {p} is empty (or holds only comments): write the keys to change, '
+                                       'e.g. "name: my_run", or start from a preset: breast-cancer configs show demo > my.yaml')
+    return data
 
 # %% ../nbs/00a_config.ipynb #f1b1deca
 _ORDER = ['name', 'task', 'seed', 'datasets', 'data', 'stain', 'wavelet', 'model', 'train', 'distribute', 'thresholds', 'evaluate', 'tracking']
@@ -419,8 +453,7 @@ def load_config(src, # a YAML file path, a preset name ('demo'), a dict, or a Co
     if isinstance(src, (str, Path)):
         p = config_path(src)
         where = f' in {p}'
-        try: src = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e: raise ConfigError(f'config file {p} is not valid YAML: {e}') from None
+        src = _read_config_file(p)
     if not isinstance(src, dict): raise ConfigError(f'a config must be a mapping of keys to values, got {type(src).__name__}{where}')
     src = copy.deepcopy(src)
     try:
@@ -435,14 +468,19 @@ def load_config(src, # a YAML file path, a preset name ('demo'), a dict, or a Co
 # %% ../nbs/00a_config.ipynb #f6757452
 @patch
 def replace(self: Config, **dotted) -> Config:
-    "A validated copy with some dotted keys changed, e.g. `replace(**{'train.epochs': 1})`."
+    "A validated copy with some dotted keys changed, e.g. `replace(**{'train.epochs': 1, 'datasets.0.root': 'data/x'})`."
     d = self.to_dict()
     for key, v in dotted.items():
         node, parts = d, key.split('.')
-        for p in parts[:-1]:
-            if not isinstance(node.get(p), dict): node[p] = {}
-            node = node[p]
-        node[parts[-1]] = v
+        for depth, p in enumerate(parts):
+            if isinstance(node, list):  # a list entry by its index: datasets.0.root
+                if not (p.isdigit() and int(p) < len(node)):
+                    raise ConfigError(f"config key {key!r}: '{'.'.join(parts[:depth])}' is a list of {len(node)}; "
+                                      f"use an index from 0 to {len(node) - 1} in place of {p!r}")
+                p = int(p)
+            elif depth < len(parts) - 1 and not isinstance(node.get(p), (dict, list)): node[p] = {}
+            if depth == len(parts) - 1: node[p] = v
+            else: node = node[p]
     return load_config(d)
 
 # %% ../nbs/00a_config.ipynb #59e9645f
@@ -456,13 +494,24 @@ def need_config(config, # what a library function was handed
 
 # %% ../nbs/00a_config.ipynb #7867d9cc
 def _parse_override(item: str) -> tuple[str, object]:
-    "'train.epochs=5' -> ('train.epochs', 5): the key, and the value read as YAML."
+    "'train.epochs=5' -> ('train.epochs', 5): the key (`datasets[0].root` as `datasets.0.root`), and the value read as YAML."
     key, sep, raw = str(item).partition('=')
-    key = key.strip()
+    key = re.sub(r'\[(\d+)\]', r'.\1', key.strip())
     if not sep or not key or any(not p for p in key.split('.')):
-        raise ConfigError(f"override {item!r}: write it as key=value with a dotted key, e.g. train.epochs=5")
-    try: return key, (yaml.safe_load(raw) if raw.strip() else None)
-    except yaml.YAMLError as e: raise ConfigError(f"override {item!r}: the value is not valid YAML ({e})") from None
+        raise ConfigError(f"override {short_repr(item)}: write it as key=value with a dotted key, e.g. train.epochs=5")
+    try: return key, (yaml.load(raw, Loader=_StrictLoader) if raw.strip() else None)
+    except (ConfigError, yaml.YAMLError) as e: raise ConfigError(f"override {short_repr(item)}: the value is not valid YAML ({e})") from None
+
+# %% ../nbs/00a_config.ipynb #e1b1c8c5
+def _section_items(key: str, v) -> list[tuple[str, object]]:
+    "An override as (dotted key, value) pairs: a mapping given for a whole section becomes one pair per key; a section's null is refused."
+    node = SCHEMA
+    for p in key.split('.'): node = node.get(p) if isinstance(node, dict) else None
+    if not isinstance(node, dict): return [(key, v)]
+    if not isinstance(v, dict):
+        raise ConfigError(f"override {key}={'null' if v is None else short_repr(v)}: '{key}' is a section; this would reset all its keys "
+                          f"to their defaults: set its keys one by one, e.g. {key}.{next(iter(node))}=...")
+    return [kv for k, x in v.items() for kv in _section_items(f'{key}.{k}', x)]
 
 # %% ../nbs/00a_config.ipynb #9a025030
 def apply_overrides(config, # a Config, dict or YAML path
@@ -470,7 +519,7 @@ def apply_overrides(config, # a Config, dict or YAML path
                    ) -> Config:
     "The config with command-line overrides such as `train.epochs=5` applied, validated by the schema."
     c = load_config(config)
-    dotted = dict(_parse_override(o) for o in overrides or [])
+    dotted = dict(kv for o in overrides or [] for kv in _section_items(*_parse_override(o)))
     for key in dotted:  # a dotted key must not go below a plain value (`seed.x=1`)
         head = key.rsplit('.', 1)[0] if '.' in key else None
         if head is not None and c.get(head) is not None and not isinstance(c.get(head), dict):

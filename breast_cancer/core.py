@@ -10,10 +10,10 @@ import numpy as np
 
 # %% auto #0
 __all__ = ['BreastCancerError', 'DataError', 'ConfigError', 'WeightsUnavailableError', 'TrainingError', 'LockedError',
-           'project_root', 'data_dir', 'cache_dir', 'runs_dir', 'reports_dir', 'package_dir', 'sample_dir',
-           'setup_runtime', 'seed_everything', 'get_logger', 'atomic_path', 'atomic_write_text', 'csv_safe',
-           'atomic_write_csv', 'read_csv_safe', 'check_name', 'path_inside', 'folder_lock', 'moved_names',
-           'file_sha256', 'config_hash']
+           'short_repr', 'project_root', 'data_dir', 'cache_dir', 'runs_dir', 'reports_dir', 'package_dir',
+           'sample_dir', 'setup_runtime', 'seed_everything', 'get_logger', 'quiet_tensorflow', 'docs_sizes',
+           'atomic_path', 'atomic_write_text', 'csv_safe', 'atomic_write_csv', 'read_csv_safe', 'check_name',
+           'path_inside', 'folder_lock', 'moved_names', 'file_sha256', 'config_hash']
 
 # %% ../nbs/00_core.ipynb #ab267530
 class BreastCancerError(Exception):
@@ -38,6 +38,18 @@ class TrainingError(BreastCancerError, RuntimeError):
 # %% ../nbs/00_core.ipynb #c1925038
 class LockedError(BreastCancerError, RuntimeError):
     "Another process is writing into the same run or reports folder."
+
+# %% ../nbs/00_core.ipynb #7d400dbe
+def short_repr(v, # the value to quote in a message
+               n: int = 80, # about the most characters to show
+              ) -> str:
+    "`repr(v)` in about `n` characters, its size said when cut: long strings and big or deep containers are never printed whole."
+    if isinstance(v, (str, bytes)): return repr(v) if len(v) <= n else repr(v[:n]) + f'... ({len(v)} characters)'
+    import reprlib
+    r = reprlib.Repr(); r.maxlevel, r.maxstring, r.maxlong, r.maxother = 3, n, n, n
+    try: s = r.repr(v)   # containers are cut while the text is built (reprlib marks each cut with '...')
+    except ValueError: return f'<{type(v).__name__} too large to print>'   # an int past Python's 4300-digit limit
+    return s if len(s) <= n else s[:n] + (f'... ({len(v)} items)' if hasattr(v, '__len__') else '...')
 
 # %% ../nbs/00_core.ipynb #5b36407f
 def project_root() -> Path|None:
@@ -132,6 +144,25 @@ def get_logger(name: str = 'breast_cancer', level: int|str|None = None) -> loggi
     if level is not None: log.setLevel(level)
     return log
 
+# %% ../nbs/00_core.ipynb #e960cc5b
+def quiet_tensorflow(verbosity: int = 0, # 0 or 1: TensorFlow's C++ log off; 2 (-vv): all of it
+                     env: dict|None = None, # the environment to set: this process's (`os.environ`), or a child's, e.g. a kernel's
+                    ) -> dict:
+    "Set TensorFlow's C++ log level in `env` before TensorFlow is imported: off below -vv (a level already set wins), all at -vv."
+    env = os.environ if env is None else env
+    if verbosity >= 2: env['TF_CPP_MIN_LOG_LEVEL'] = '0'
+    else: env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+    return env
+
+# %% ../nbs/00_core.ipynb #845c3b47
+def docs_sizes(full: dict, # the cell's arguments as documented
+               quick: dict, # the reduced ones, for `BREAST_CANCER_QUICK_DOCS=1`
+              ) -> dict:
+    "`full`, or `full` updated with `quick` (said in the output) when the environment asks for quick documentation runs."
+    if os.environ.get('BREAST_CANCER_QUICK_DOCS', '').strip().lower() not in ('1', 'true', 'yes'): return dict(full)
+    print(f'BREAST_CANCER_QUICK_DOCS is set: reduced sizes {quick} (documented: {full})')
+    return {**full, **quick}
+
 # %% ../nbs/00_core.ipynb #a327908c
 def _umask() -> int:
     "The process umask, read without changing it where Linux allows (`/proc/self/status`)."
@@ -213,10 +244,13 @@ _PLAIN_NAME = re.compile(r'[A-Za-z0-9_.-]+')
 def check_name(name, # a run, config or report name that will become a folder or file name
                what: str = 'name', # how the message calls it, e.g. "config key 'name'"
               ) -> str:
-    "Return `name` if it is a plain name (letters, digits, `-`, `_`, `.`; not `.` or `..`), else raise `ConfigError`."
+    "Return `name` if it is a plain name (letters, digits, `-`, `_`, `.`; not `.` or `..`; at most 255 bytes), else raise `ConfigError`."
     if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name) or name in ('.', '..'):
-        raise ConfigError(f"{what} {name!r} is not a plain name: use letters, digits, '-', '_' and '.' only "
+        raise ConfigError(f"{what} {short_repr(name)} is not a plain name: use letters, digits, '-', '_' and '.' only "
                           "(no '/' or '\\', not '.' or '..'); to write elsewhere, pass the folder itself (--run-dir, --out-dir)")
+    if len(name.encode()) > 255:  # the longest file name Linux, macOS and Windows file systems take
+        raise ConfigError(f"{what} {short_repr(name)} is {len(name.encode())} bytes long: a file or folder name is at most 255 bytes; "
+                          "use a shorter name")
     return name
 
 # %% ../nbs/00_core.ipynb #181a3d5f

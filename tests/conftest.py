@@ -9,7 +9,8 @@ import pytest
 if sys.__stdin__ is None: sys.__stdin__ = open(os.devnull)
 
 os.environ.setdefault('MPLBACKEND', 'Agg')
-os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+from breast_cancer.core import quiet_tensorflow
+quiet_tensorflow()   # TensorFlow's C++ log off in this process and the commands it starts (TF_CPP_MIN_LOG_LEVEL=3)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get('BREAST_CANCER_SHARED') or ROOT.parent / 'shared')   # ../shared beside the checkout
@@ -75,14 +76,22 @@ def is_loopback(address) -> bool:
     try: return ipaddress.ip_address(host.split('%')[0]).is_loopback
     except ValueError: return False                             # any other host name: never resolved, never reached
 
-@pytest.fixture(autouse=True)
-def loopback_only(request):
-    "Fail any test that connects (TCP/UDP, by address or host name) to anything but this machine."
-    attempts = []
-    real_connect, real_connect_ex, real_create = socket.socket.connect, socket.socket.connect_ex, socket.create_connection
+def _resolves_here(host) -> bool:
+    "Whether looking `host` up stays on this machine: no host (a local bind), localhost, this machine's name, or an IP literal."
+    if host is None or host in ('', b''): return True
+    if isinstance(host, bytes): host = host.decode()
+    if is_loopback((host, 0)) or host == socket.gethostname(): return True
+    try: ipaddress.ip_address(host.split('%')[0]); return True   # a literal address: no query is sent (connect checks it)
+    except ValueError: return False
+
+def guard_sockets(mp: pytest.MonkeyPatch, attempts: list):
+    """Wrap the socket calls as they are when called (the real ones, or a test's stubs) so that anything beyond this machine
+    is recorded in `attempts` and refused before the wrapped call runs: connect, connect_ex, create_connection, getaddrinfo."""
+    real_connect, real_connect_ex = socket.socket.connect, socket.socket.connect_ex
+    real_create, real_getaddrinfo = socket.create_connection, socket.getaddrinfo
     def refuse(address):
         attempts.append(address)
-        raise NonLoopbackConnection(f'test tried to connect to {address!r}: tests may reach 127.0.0.1/::1 only')
+        raise NonLoopbackConnection(f'test tried to reach {address!r}: tests may reach 127.0.0.1/::1 only')
     def connect(self, address):
         if self.family != getattr(socket, 'AF_UNIX', None) and not is_loopback(address): refuse(address)
         return real_connect(self, address)
@@ -92,9 +101,18 @@ def loopback_only(request):
     def create_connection(address, *args, **kwargs):
         if not is_loopback(address): refuse(address)            # before getaddrinfo: no DNS query either
         return real_create(address, *args, **kwargs)
+    def getaddrinfo(host, *args, **kwargs):
+        if not _resolves_here(host): refuse(host)              # a library resolving a name itself (urllib3 does): no DNS query
+        return real_getaddrinfo(host, *args, **kwargs)
+    mp.setattr(socket.socket, 'connect', connect); mp.setattr(socket.socket, 'connect_ex', connect_ex)
+    mp.setattr(socket, 'create_connection', create_connection); mp.setattr(socket, 'getaddrinfo', getaddrinfo)
+
+@pytest.fixture(autouse=True)
+def loopback_only(request):
+    "Fail any test that connects (TCP/UDP, by address or host name) or resolves a name beyond this machine."
+    attempts = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(socket.socket, 'connect', connect); mp.setattr(socket.socket, 'connect_ex', connect_ex)
-        mp.setattr(socket, 'create_connection', create_connection)
+        guard_sockets(mp, attempts)
         yield attempts
     if attempts:
         pytest.fail(f'{request.node.nodeid} tried to connect beyond this machine: {attempts}', pytrace=False)

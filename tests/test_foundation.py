@@ -62,17 +62,47 @@ def test_cli_help_lists_subcommands():
     assert expected <= listed and listed <= set(sub.choices), (sorted(listed), out.stdout)
 
 
-def test_loopback_guard_refuses_other_addresses(loopback_only):
-    "The suite's guard (conftest.loopback_only): other hosts are refused before any packet or DNS query; loopback works."
+def _socket_recorders(mp, reached: list):
+    "Stand-ins for the real socket calls, which record what reaches them and never dial: under them nothing leaves the machine."
     import socket
-    from conftest import NonLoopbackConnection
-    with pytest.raises(NonLoopbackConnection): socket.create_connection(('192.0.2.1', 9), timeout=0.1)
-    with pytest.raises(NonLoopbackConnection): socket.create_connection(('example.org', 443), timeout=0.1)
-    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6, pytest.raises(NonLoopbackConnection): s6.connect(('2001:db8::1', 9))
-    assert len(loopback_only) == 3
-    loopback_only.clear()                                                # the refusals above were on purpose
+    def recorder(name, result=None, address_at=0):
+        def call(*args, **kwargs):
+            reached.append((name, args[address_at])); return result
+        return call
+    mp.setattr(socket.socket, 'connect', recorder('connect', None, 1)); mp.setattr(socket.socket, 'connect_ex', recorder('connect_ex', 0, 1))
+    mp.setattr(socket, 'create_connection', recorder('create_connection')); mp.setattr(socket, 'getaddrinfo', recorder('getaddrinfo', []))
+
+def test_loopback_guard_refuses_other_addresses():
+    """The suite's guard (conftest.guard_sockets) laid over recorders that stand in for the real socket calls: other hosts are
+    refused before the real call is reached, loopback passes through. The addresses beyond this machine are documentation
+    ones and only ever reach the recorders, so even with the guard removed this test sends no packet and no DNS query."""
+    import socket
+    from conftest import NonLoopbackConnection, guard_sockets
+    with pytest.MonkeyPatch.context() as mp:
+        reached = []                      # what got past the guard, to the (stand-in) real calls
+        _socket_recorders(mp, reached)
+        v4, v6, name = ('192.0.2.1', 9), ('2001:db8::1', 9), ('example.invalid', 443)   # TEST-NET-1, IPv6 documentation prefix, a name that never resolves (RFC 2606)
+        socket.create_connection(v4)                          # first, the stand-ins alone: they record, nothing is dialled
+        assert reached == [('create_connection', v4)]; reached.clear()
+        refused = []
+        guard_sockets(mp, refused)        # the guard as the autouse fixture lays it, here over the recorders
+        with socket.socket() as s4, socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s6:
+            for call, address in ((socket.create_connection, v4), (socket.create_connection, name), (s4.connect, v4),
+                                  (s4.connect_ex, name), (s6.connect, v6), (lambda a: socket.getaddrinfo(*a), name)):
+                with pytest.raises(NonLoopbackConnection): call(address)
+            assert reached == [], reached                        # refused before the real call
+            assert refused == [v4, name, v4, name, v6, name[0]]
+            socket.create_connection(('127.0.0.1', 9)); s4.connect(('localhost', 9)); s6.connect_ex(('::1', 9))
+            socket.getaddrinfo('localhost', 9); socket.getaddrinfo('127.0.0.1', 9); socket.getaddrinfo(None, 9)
+        assert reached == [('create_connection', ('127.0.0.1', 9)), ('connect', ('localhost', 9)), ('connect_ex', ('::1', 9)),
+                           ('getaddrinfo', 'localhost'), ('getaddrinfo', '127.0.0.1'), ('getaddrinfo', None)]
+        assert len(refused) == 6                                 # loopback was not refused
+
+def test_loopback_guard_lets_a_real_local_connection_through(loopback_only):
+    "The guard over the real socket calls: a server on 127.0.0.1 is reached by address and by the name localhost."
+    import socket
     with socket.socket() as server:
-        server.bind(('127.0.0.1', 0)); server.listen(1)
+        server.bind(('127.0.0.1', 0)); server.listen(2)
         socket.create_connection(server.getsockname(), timeout=2).close()
         with socket.socket() as c: c.connect(('localhost', server.getsockname()[1]))
     assert loopback_only == []
