@@ -4,10 +4,10 @@
 
 # %% ../nbs/06b_audit.ipynb #1cec4338
 from __future__ import annotations
-import dataclasses
+import dataclasses, os, stat
 from pathlib import Path
 import numpy as np, pandas as pd
-from .core import DataError
+from .core import DataError, file_sha256
 from .metrics import markdown_table
 
 # %% auto #0
@@ -75,10 +75,22 @@ class SplitAudit:
             s += '\n\n' + markdown_table(self.near_duplicates[['image_a', 'split_a', 'image_b', 'split_b', 'distance', 'same_patient']].head(20))
         return s
 
+# %% ../nbs/06b_audit.ipynb #93a1237a
+_KINDS = ((stat.S_ISDIR, 'a folder'), (stat.S_ISFIFO, 'a FIFO (named pipe)'), (stat.S_ISCHR, 'a character device'),
+          (stat.S_ISBLK, 'a block device'), (stat.S_ISSOCK, 'a socket'))
+
+def _special_file(path) -> str|None:
+    "What `path` is when it exists but is not a regular file ('a FIFO (named pipe)', 'a folder', ...); None otherwise."
+    try: mode = os.stat(path).st_mode
+    except (OSError, ValueError): return None
+    if stat.S_ISREG(mode): return None
+    return next((what for test, what in _KINDS if test(mode)), 'not a regular file')
+
 # %% ../nbs/06b_audit.ipynb #16efa374
 def _file_digest(path) -> str|None:
-    import hashlib
-    try: return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    "SHA-256 of a regular file, read in chunks; None for a missing or unreadable path and for a FIFO, device or folder (never opened)."
+    if _special_file(path): return None
+    try: return file_sha256(path)
     except OSError: return None
 
 # %% ../nbs/06b_audit.ipynb #cf14f527
@@ -87,6 +99,13 @@ def _cross_pairs(ids: pd.DataFrame, i, j, **cols) -> pd.DataFrame:
     a, b = ids.iloc[i].reset_index(drop=True), ids.iloc[j].reset_index(drop=True)
     return pd.DataFrame({'image_a': a['image_id'], 'split_a': a['split'], 'image_b': b['image_id'], 'split_b': b['split'],
                          'path_a': a['image_path'], 'path_b': b['image_path'], **cols})
+
+# %% ../nbs/06b_audit.ipynb #bb1151cf
+def _check_regular(m: pd.DataFrame):
+    "Raise `DataError` naming the rows whose `image_path` is a FIFO, device or folder: the audit reads no such path."
+    bad = [(r.image_id, r.image_path, what) for r in m.itertuples() if (what := _special_file(r.image_path))]
+    if bad: raise DataError(f"audit_split: {len(bad)} image path(s) are not regular files, so nothing was read: "
+                            + '; '.join(f'image_id {i!r}: {p} is {w}' for i, p, w in bad[:5]) + ': point the manifest at image files')
 
 # %% ../nbs/06b_audit.ipynb #e96ffca9
 def audit_split(manifest: pd.DataFrame, # a manifest with `split` (train/val/test), patient_id, image_id, image_path
@@ -99,6 +118,7 @@ def audit_split(manifest: pd.DataFrame, # a manifest with `split` (train/val/tes
     need = [c for c in ('split', 'patient_id', 'image_id', 'image_path') if c not in manifest]
     if need: raise DataError(f"audit_split: the manifest lacks column(s) {need}: run it on a split manifest (data.patient_split)")
     m = manifest.reset_index(drop=True).astype({'image_id': str, 'patient_id': str, 'split': str})
+    _check_regular(m)
     per = m.groupby('patient_id').agg(splits=('split', lambda s: '+'.join(sorted(set(s)))), n_splits=('split', 'nunique'), n_images=('split', 'size'))
     overlap = per[per.n_splits > 1].drop(columns='n_splits').reset_index()
     digests = m['image_path'].map(_file_digest)

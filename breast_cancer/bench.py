@@ -4,24 +4,25 @@
 
 # %% ../nbs/09_bench.ipynb #83c3e728
 from __future__ import annotations
-import argparse, functools, importlib, inspect, io, math, os, shutil, tempfile, time
+import argparse, importlib, inspect, io, math, os, shutil, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd
 from sklearn import metrics as skm
-from .core import ConfigError, DataError, data_dir, sample_dir, seed_everything
+from .core import DataError, data_dir, sample_dir
 from .config import load_config
 from .io import read_image, read_resized, resize_longer, write_dicom, write_pgm
-from .cache import (PEAK_BYTES_PER_PIXEL, cache_images, load_cached, transform_and_resize,
+from .cache import (PEAK_BYTES_PER_PIXEL, cache_images, transform_and_resize,
                                  cache_one, cache_worker_init, pool_context)
-from .data import load_mias, make_manifest, patient_split
+from .data import load_mias, make_manifest
 from .histo import load_idc, idc_records, scan_files
 from .wavelet import AT_DEFAULT, WaveletPreprocessor, wavelet_denoise
 from .metrics import binary_metrics, group_codes
+from .learn import (LEARN_TASKS, add_lesion, bench_learn, learn_note, learnability, record_learn,
+                                 synthetic_task)   # the learnability check: its own page
 
 # %% auto #0
-__all__ = ['benchmark_bootstrap', 'FROM_SCRATCH', 'learnability', 'bench_wavelet', 'bench_cache', 'bench_cache_scale',
-           'bench_load_idc', 'bench_bootstrap', 'add_lesion', 'synthetic_task', 'bench_learn', 'bench_pipeline',
-           'bench_distribute', 'add_bench_parsers', 'run_bench']
+__all__ = ['benchmark_bootstrap', 'bench_wavelet', 'bench_cache', 'bench_cache_scale', 'bench_load_idc', 'bench_bootstrap',
+           'bench_pipeline', 'bench_distribute', 'add_bench_parsers', 'run_bench']
 
 # %% ../nbs/09_bench.ipynb #ffbf9b2f
 def _best(fn, repeats: int) -> float:
@@ -407,172 +408,6 @@ def bench_bootstrap(n_images: int = 3000, # images
 
 benchmark_bootstrap = bench_bootstrap   # its name before the benchmarks had one home
 
-# %% ../nbs/09_bench.ipynb #31007c12
-def _tissue_centre(img, margin, rng):
-    "A random pixel inside the breast (brighter than 10 % of the maximum), at least `margin` px from the border."
-    g = img if img.ndim == 2 else img.mean(-1)
-    h, w = g.shape; m = int(min(margin, h // 4, w // 4))
-    inner = g[m:h - m, m:w - m]
-    rows, cols = np.nonzero(inner > 0.1 * max(float(g.max()), 1e-6))
-    if len(rows) == 0: return h / 2, w / 2
-    i = rng.integers(len(rows))
-    return rows[i] + m, cols[i] + m
-
-def add_lesion(img: np.ndarray, # float32 image in [0, 1], (H, W) or (H, W, C)
-               amplitude: float = 0.5, # brightness added at the lesion's centre
-               size: float = 12 / 256, # sigma of the blob (radius of the disc), as a fraction of the longer side
-               kind: str = 'blob', # 'blob' (Gaussian) or 'disc' (uniform)
-               rng=None, # a numpy Generator (position)
-              ) -> np.ndarray:
-    "The image with one synthetic lesion added inside the breast, clipped to [0, 1]."
-    if kind not in ('blob', 'disc'): raise ConfigError(f"kind={kind!r}: use 'blob' or 'disc'")
-    rng = rng if rng is not None else np.random.default_rng(0)
-    h, w = img.shape[:2]; s = max(size * max(h, w), 0.5)
-    cy, cx = _tissue_centre(img, 2 * s, rng)
-    yy, xx = np.mgrid[0:h, 0:w]; r2 = (yy - cy) ** 2 + (xx - cx) ** 2
-    bump = np.exp(-r2 / (2 * s * s)) if kind == 'blob' else (r2 <= s * s).astype(np.float32)
-    if img.ndim == 3: bump = bump[..., None]
-    return np.clip(img + amplitude * bump, 0, 1).astype(np.float32)
-
-# %% ../nbs/09_bench.ipynb #4e6235be
-def synthetic_task(config, # a Config, a preset name or a YAML path: its datasets and preprocessing
-                   folder, # where the synthetic images (.npy) are written
-                   amplitude: float = 0.5, # lesion brightness (images are in [0, 1])
-                   size: float = 12 / 256, # lesion sigma/radius as a fraction of the longer image side
-                   kind: str = 'blob', # 'blob' or 'disc'
-                   seed: int = 0, # which patients get lesions, and where
-                  ) -> pd.DataFrame:
-    "A manifest of normal films with `abnormal` = has a synthetic lesion (half of the patients), split by patient."
-    from breast_cancer import train as bc_train   # the config's manifest and cache (TensorFlow loads with it)
-    c = load_config(config)
-    m = bc_train.load_manifest(c)
-    normal = m[~m['abnormal'].astype(bool)] if 'abnormal' in m else m
-    if len(normal) >= 20: m = normal
-    m = bc_train.cache_manifest(m.reset_index(drop=True), c, progress=False)
-    rng = np.random.default_rng(seed)
-    patients = m['patient_id'].unique()
-    positive = set(rng.permutation(patients)[:len(patients) // 2])
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    paths, labels = [], []
-    for row in m.itertuples():
-        img = np.asarray(load_cached(row.cache_path), np.float32)
-        lesion = row.patient_id in positive
-        if lesion: img = add_lesion(img, amplitude, size, kind, rng)
-        p = folder/f'{row.dataset}_{row.image_id}.npy'; np.save(p, img); paths.append(str(p)); labels.append(lesion)
-    out = m.assign(cache_path=paths, abnormal=labels, malignant=pd.NA, label=np.where(labels, 'lesion', 'normal'))
-    return patient_split(out.drop(columns=['split'], errors='ignore'), c.data.test_size, c.data.val_size, seed=seed)
-
-# %% ../nbs/09_bench.ipynb #b42cf4c5
-FROM_SCRATCH = {'train.optimizer': 'adam', 'train.clr.initial_learning_rate': 1e-4, 'train.clr.maximal_learning_rate': 1e-3}
-
-# %% ../nbs/09_bench.ipynb #42b71860
-def _learn_config(config, steps: int, eval_every: int, image_size: int|None, batch_size: int|None, overrides: dict|None):
-    "The config of a learnability run: `eval_every` steps an epoch, nothing that stops or changes training early."
-    c = load_config(config)
-    keys = {'name': f'{c.name}-learn', 'tracking': 'none', 'train.epochs': max(1, math.ceil(steps / eval_every)), 'train.steps_per_epoch': int(eval_every),
-            'train.validation_steps': None, 'train.restore_best': False, 'train.early_stopping.enabled': False,
-            'train.fine_tune': None, 'train.class_imbalance': 'none'}
-    if image_size: keys['data.image_size'] = int(image_size)
-    if batch_size: keys['train.batch_size'] = int(batch_size)
-    return c.replace(**{**keys, **(overrides or {})})
-
-# %% ../nbs/09_bench.ipynb #8534acfd
-@functools.cache
-def _test_auc_class() -> type:
-    "The Keras callback measuring the test AUC every epoch; defined on first use, so that importing `bench` does not start TensorFlow."
-    import keras
-    class _TestAUC(keras.callbacks.Callback):
-        "Test AUC, loss, validation AUC and the probability range every epoch (= every `eval_every` steps)."
-        def __init__(self, name, x, y, every, t0, time_limit_s, log_fn):
-            super().__init__(); self.name, self.x, self.y, self.every, self.t0, self.limit, self.log_fn = name, x, y, every, t0, time_limit_s, log_fn
-            self.rows = []
-        def measure(self, step, logs, final=False):
-            p = np.asarray(self.model.predict(self.x, verbose=0, batch_size=64)).reshape(-1)
-            row = {'model': self.name, 'step': step, 'seconds': round(time.perf_counter() - self.t0, 1),
-                   'loss': logs.get('loss', np.nan), 'val_auc': logs.get('val_auc', np.nan),
-                   'test_auc': float(skm.roc_auc_score(self.y, p)) if np.isfinite(p).all() else np.nan,
-                   'p_min': float(np.nanmin(p)), 'p_max': float(np.nanmax(p)), 'final': final}
-            self.rows.append(row); self.log_fn(row)
-        def on_epoch_end(self, epoch, logs=None):
-            self.measure((epoch + 1) * self.every, logs or {})
-            if self.limit is not None and time.perf_counter() - self.t0 > self.limit: self.model.stop_training = True
-    return _TestAUC
-
-# %% ../nbs/09_bench.ipynb #f5947035
-def _print_learn_row(r):
-    "Print one measurement of the learnability curve."
-    tag = ' (BatchNorm refreshed, final)' if r['final'] else ''
-    print(f"{r['model']:>10s}  step {r['step']:5d}  {r['seconds']:7.1f} s  loss {r['loss']:.3f}  val AUC {r['val_auc']:.3f}  "
-          f"test AUC {r['test_auc']:.3f}  p in [{r['p_min']:.3f}, {r['p_max']:.3f}]{tag}", flush=True)
-
-# %% ../nbs/09_bench.ipynb #2f0b9d40
-def _learn_summary(curve: pd.DataFrame) -> str:
-    "One line per model: the final test AUC, and the step and time at which it first reached 0.95."
-    lines = []
-    for name, g in curve.groupby('model', sort=False):
-        hit = g[g['test_auc'] >= 0.95]
-        lines.append(f"{name}: final test AUC {g['test_auc'].iloc[-1]:.3f} after {g['step'].iloc[-1]} steps, {g['seconds'].iloc[-1]:.0f} s; "
-                     + (f"AUC >= 0.95 first at step {hit['step'].iloc[0]} ({hit['seconds'].iloc[0]:.0f} s)" if len(hit) else 'never reached 0.95'))
-    return '\n'.join(lines)
-
-# %% ../nbs/09_bench.ipynb #42946bcf
-def _learn_net(name: str, c):
-    "A fresh, seeded network for the check: 'backbone' (the config's model) or 'small_cnn' (`model.small_cnn`)."
-    from breast_cancer import model as bc_model
-    shape = (c.data.image_size, c.data.image_size, c.data.channels)
-    seed_everything(c.seed)
-    if name == 'small_cnn': return bc_model.small_cnn(shape)
-    if name == 'backbone': return bc_model.build_model(c.model.backbone, shape, weights=c.model.weights, head=c.model.head,
-                                                       dropout=c.model.dropout, freeze=c.model.freeze)
-    raise ConfigError(f"bench_learn: unknown model {name!r}: use 'backbone' or 'small_cnn'")
-
-# %% ../nbs/09_bench.ipynb #0a8de311
-def _learn_one(name: str, c, task: pd.DataFrame, test_xy: tuple, eval_every: int, time_limit_s, from_scratch, overrides, folder: Path, log_fn) -> list[dict]:
-    "Train one model on the task (`train.train`), measuring the test AUC every `eval_every` steps and once at the end; the rows."
-    from breast_cancer import train as bc_train
-    label = c.model.backbone if name == 'backbone' else name
-    net, t0 = _learn_net(name, c), time.perf_counter()
-    cb = _test_auc_class()(label, *test_xy, int(eval_every), t0, time_limit_s, log_fn or (lambda r: None))
-    if name == 'backbone' and from_scratch and c.model.weights is None:
-        c = c.replace(**{k: v for k, v in from_scratch.items() if k not in (overrides or {})})
-    bc_train.train(net, task, c, run_dir=folder/label, stage='stage1', target='abnormal', callbacks=[cb], verbose=0)
-    cb.measure(cb.rows[-1]['step'] if cb.rows else 0, cb.rows[-1] if cb.rows else {}, final=True)
-    return cb.rows
-
-# %% ../nbs/09_bench.ipynb #bd36ca31
-def bench_learn(config='demo', # the run config: data, preprocessing, backbone, weights, schedule
-                models=('backbone', 'small_cnn'), # 'backbone' = the config's model; 'small_cnn' = model.small_cnn
-                steps: int = 200, # training steps per model (at most)
-                eval_every: int = 20, # steps between test-AUC measurements
-                image_size: int|None = None, # model input size; None = the config's
-                batch_size: int|None = None, # None = the config's
-                amplitude: float = 0.8, # lesion brightness
-                size: float = 20 / 256, # lesion radius (sigma of a blob) as a fraction of the image side
-                kind: str = 'disc', # 'disc' or 'blob'
-                time_limit_s: float|None = None, # stop a model's training after this many seconds
-                overrides: dict|None = None, # more dotted config keys, e.g. {'train.clr.maximal_learning_rate': 0.05}
-                from_scratch: dict|None = FROM_SCRATCH, # training keys for a backbone without pretrained weights (None: the config's)
-                workdir=None, # folder for the synthetic images and runs (default: a temporary folder, removed)
-                log_fn=_print_learn_row, # called with each measurement (a dict); None = silent
-               ) -> pd.DataFrame:
-    "Train the configured backbone and a small reference CNN on a synthetic-lesion task; the test AUC against steps."
-    from breast_cancer import train as bc_train
-    c = _learn_config(config, steps, eval_every, image_size, batch_size, overrides)
-    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix='bc-learn-'))
-    try:
-        task = synthetic_task(c, work/'images', amplitude, size, kind, seed=c.seed)
-        test = task[task['split'] == 'test']
-        x_test = np.concatenate([np.asarray(x) for x in bc_train.make_dataset(test, c, labels=False, batch_size=64)])
-        test_xy = (x_test, test['abnormal'].to_numpy().astype(int))
-        curve = pd.DataFrame([row for name in models for row in
-                              _learn_one(name, c, task, test_xy, eval_every, time_limit_s, from_scratch, overrides, work/'runs', log_fn)])
-        if log_fn is _print_learn_row: print(_learn_summary(curve))
-        return curve
-    finally:
-        if workdir is None: shutil.rmtree(work, ignore_errors=True)
-
-learnability = bench_learn   # its name before the benchmarks had one home
-
 # %% ../nbs/09_bench.ipynb #da6da053
 def bench_pipeline(config='demo', # the config (a preset name or a YAML path) whose data and augmentations to use
                    image_size: int = 128, # model input size for both measurements
@@ -621,6 +456,20 @@ def _distribute_text(res: dict, replicas: int) -> str:
                  f"({'keeps up' if res['pipeline_keeps_up'] else 'does NOT keep up'})")
     return '\n'.join(lines)
 
+# %% ../nbs/09_bench.ipynb #1c2b2e86
+def _fresh_process(name: str, # a benchmark function of this module
+                   kwargs: dict, # its arguments (JSON)
+                  ) -> dict:
+    "Run benchmark `name` in a fresh Python process (for what must happen before TensorFlow starts); print its output, return its result."
+    import json, subprocess, sys
+    code = ("import json, sys; from breast_cancer import bench; "
+            f"r = bench.{name}(**json.loads(sys.argv[1])); print('\\n@@result ' + json.dumps(r))")
+    res = subprocess.run([sys.executable, '-c', code, json.dumps(kwargs)], capture_output=True, text=True)
+    if res.returncode or '@@result ' not in res.stdout:
+        raise RuntimeError(f'{name} in a fresh process exited {res.returncode}: {res.stderr.strip()[-1500:]}')
+    out, _, last = res.stdout.rpartition('@@result ')
+    print(out.rstrip()); return json.loads(last)
+
 # %% ../nbs/09_bench.ipynb #871a1b1f
 def bench_distribute(config='demo', # the config whose data, augmentation and backbone to use
                      image_size: int = 64, # model input size
@@ -636,7 +485,11 @@ def bench_distribute(config='demo', # the config whose data, augmentation and ba
     from breast_cancer import model as bc_model, train as bc_train
     from breast_cancer.distribute import split_cpu
     gpus = tf.config.list_physical_devices('GPU')
-    devices = [f'/gpu:{i}' for i in range(len(gpus))] if len(gpus) >= replicas else split_cpu(replicas)
+    try: devices = [f'/gpu:{i}' for i in range(len(gpus))] if len(gpus) >= replicas else split_cpu(replicas)
+    except RuntimeError:   # TensorFlow already runs here (an earlier cell of a notebook): the CPU split needs a fresh process
+        print('TensorFlow already runs in this process, so the CPU cannot be split into replicas here: measuring in a fresh process')
+        return _fresh_process('bench_distribute', dict(config=dict(load_config(config)), image_size=image_size, batch_size=batch_size, steps=steps,
+                                                      replicas=replicas, backbone=backbone, mixed_precision=mixed_precision, xla=xla))
     c = load_config(config).replace(**{'data.image_size': image_size, 'train.batch_size': batch_size, 'train.steps_per_epoch': 1})
     manifest, backbone, shape = bc_train.cache_manifest(bc_train.load_manifest(c), c, progress=False), backbone or c.model.backbone, (image_size, image_size, c.data.channels)
     res = {'backbone': backbone, 'image_size': image_size, 'batch_per_replica': batch_size, 'devices': devices[:replicas],
@@ -670,7 +523,7 @@ _CLI = {  # name on the command line: (function, an example, its flags)
     'idc': (bench_load_idc, 'breast-cancer bench idc --n 277524', 'n=n_files patients=n_patients seed'),
     'bootstrap': (bench_bootstrap, 'breast-cancer bench bootstrap --n-boot 2000', 'n=n_images patients=n_patients n_boot compare_sklearn seed'),
     'learn': (bench_learn, 'breast-cancer bench learn --config demo --size 64 --every 25 --time-limit 900',
-              'config models steps every=eval_every size=image_size batch_size amplitude kind time-limit=time_limit_s'),
+              'config models steps every=eval_every size=image_size batch_size task amplitude kind time-limit=time_limit_s record'),
     'pipeline': (bench_pipeline, 'breast-cancer bench pipeline --config demo --size 128', 'config size=image_size batch_size steps model_steps backbone'),
     'distribute': (bench_distribute, 'breast-cancer bench distribute --config demo --size 64 --backbone small_cnn',
                    'config size=image_size batch_size steps replicas backbone mixed_precision xla')}

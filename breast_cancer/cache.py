@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from .core import DataError, ConfigError, cache_dir, get_logger
 from .config import check_choice
-from .io import NONFINITE, read_image, read_resized, resize_longer, _is_dicom
+from .io import NONFINITE, read_image, read_resized, resize_longer, _is_dicom, _shrink_plan
 
 # %% auto #0
 __all__ = ['PEAK_BYTES_PER_PIXEL', 'image_cache_key', 'transform_and_resize', 'cache_one', 'cache_worker_init',
@@ -126,13 +126,23 @@ def cache_worker_init():
     import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)
     _keep_freed_arrays()
 
+# %% ../nbs/01d_cache.ipynb #8eddfae0
+def _shape_problem(got: tuple, want: tuple|None) -> str|None:
+    "Why a cached image of shape `got` is not the `want` one: another number of channels, or sides off by more than a pixel."
+    if want is None: return None
+    chans = lambda s: 1 if len(s) == 2 else s[2]
+    if chans(got) != chans(want): return f'shape {got}: {chans(got)} channel(s), the source image has {chans(want)}'
+    if max(abs(a - b) for a, b in zip(got[:2], want[:2])) > 1: return f'shape {got}, expected {tuple(want)} (the source resized)'
+    return None
+
 # %% ../nbs/01d_cache.ipynb #e262c073
 def cache_file_problem(path, # a cached `.npy`
                        size: int|None = None, # the longer side it must have (None: any)
                        full: bool = False, # also read the pixels and check that they are finite and in [0, 1]
+                       shape: tuple|None = None, # the (H, W) or (H, W, C) it must have (the shorter side within 1 pixel)
                       ) -> str|None:
-    "Why the cached image at `path` cannot be used (header, dtype, shape, file size; pixels if `full`), or None."
-    fmt = np.lib.format
+    "Why the cached image at `path` cannot be used (header, dtype, shape, channels, file size; pixels if `full`), or None."
+    fmt, expect = np.lib.format, shape
     try:
         with open(path, 'rb') as f:
             major, _ = fmt.read_magic(f)
@@ -144,6 +154,7 @@ def cache_file_problem(path, # a cached `.npy`
     if dtype != np.float32 or fortran: return f'dtype {dtype}{" (Fortran order)" if fortran else ""}, expected float32'
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)) or 0 in shape: return f'shape {shape} is not an image'
     if size is not None and max(shape[:2]) != int(size): return f'shape {shape}, expected a longer side of {size}'
+    if (want := _shape_problem(shape, expect)): return want
     want = offset + int(np.prod(shape)) * 4
     if n != want: return f'{n} bytes, the header promises {want} (truncated or padded)'
     if full:
@@ -205,6 +216,22 @@ def _image_pixels(path: str) -> int:
         with Image.open(path) as im: return im.size[0] * im.size[1] * len(im.getbands())
     except Exception: return 0
 
+# %% ../nbs/01d_cache.ipynb #a1b95f01
+_GREY_MODES = ('1', 'L', 'LA', 'I', 'F', 'I;16', 'I;16B', 'I;16L', 'I;16N')   # Pillow modes read_image gives as (H, W)
+
+def _cached_shape(path: str, size: int|None) -> tuple|None:
+    "The shape `cache_images` gives `path` at `size`: (H, W) or (H, W, 3), from the source's header only; None if unknown."
+    try:
+        if _is_dicom(Path(path)):
+            import pydicom; ds = pydicom.dcmread(path, stop_before_pixels=True)
+            h, w, rgb = int(ds.Rows), int(ds.Columns), int(ds.get('SamplesPerPixel', 1)) == 3
+        else:
+            from PIL import Image
+            with Image.open(path) as im: (w, h), rgb = im.size, im.mode not in _GREY_MODES
+    except Exception: return None
+    if size is not None: (w, h), _ = _shrink_plan(h, w, size)
+    return (h, w, 3) if rgb else (h, w)
+
 # %% ../nbs/01d_cache.ipynb #044e0474
 PEAK_BYTES_PER_PIXEL = {'source': 26, 'model': 4}  # peak resident bytes per source pixel of one image, measured (`breast-cancer bench cache-scale`)
 
@@ -222,7 +249,7 @@ def _check_existing(todo_all: list, size, verify: bool, log) -> list:
     todo = []
     for s, d in todo_all:
         if not os.path.exists(d): todo.append((s, d)); continue
-        why = cache_file_problem(d, size, full=verify)
+        why = cache_file_problem(d, size, full=verify, shape=_cached_shape(s, size) if verify else None)
         if why: log.warning(f'cached image {d} is damaged ({why}): rebuilding it from {s}'); todo.append((s, d))
     return todo
 

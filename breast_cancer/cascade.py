@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import keras
 from fastcore.basics import patch
-from .core import ConfigError, DataError, atomic_path, get_logger, seed_everything
+from .core import ConfigError, DataError, atomic_path, file_sha256, get_logger, seed_everything
 from . import data as bc_data
 from .data import PREDICTION_COLUMNS
 from .metrics import (
     AGGREGATIONS, aggregate_breasts, binary_metrics, breast_side, choose_threshold, multiclass_metrics)
 from .config import Config, load_config, need_config
-from .rundir import ModelDir, RunDir
+from .rundir import STAGES, ModelDir, RunDir
 from .model import small_cnn
 from .train import (cache_manifest, make_dataset, train, init_run_dir, ensure_split,
                                  image_transform, package_versions, _cache_size, load_manifest, stage_done,
@@ -99,11 +99,19 @@ def _predict_fn(model):
     return _PREDICT_FNS[model]
 
 
+# %% ../nbs/05_cascade.ipynb #291a11ab
+def _check_probabilities(p: np.ndarray, stage: str, model) -> np.ndarray:
+    "`p` unchanged when every value is a probability (finite, in [0, 1]); `DataError` naming the stage otherwise."
+    if p.size and not (np.isfinite(p).all() and p.min() >= 0 and p.max() <= 1):
+        raise DataError(f'{stage} (model {model.name!r}) gave outputs outside [0, 1] ({np.nanmin(p):.3g} to {np.nanmax(p):.3g}): they are '
+                        'not probabilities, so its last layer is not a sigmoid (an edited or wrong model file); use the cascade as saved')
+    return p
+
 # %% ../nbs/05_cascade.ipynb #b090956a
-def _predict_manifest(model, manifest, config, batch_size=None):
+def _predict_manifest(model, manifest, config, batch_size=None, stage: str = 'stage2'):
     ds = make_dataset(manifest, config, training=False, labels=False, batch_size=batch_size)
     fn = _predict_fn(model)
-    return np.concatenate([np.asarray(fn(x)).reshape(-1) for x in ds]).astype(float)
+    return _check_probabilities(np.concatenate([np.asarray(fn(x)).reshape(-1) for x in ds]).astype(float), stage, model)
 
 # %% ../nbs/05_cascade.ipynb #6feadeac
 @patch
@@ -113,8 +121,8 @@ def probabilities(self: Cascade, manifest: pd.DataFrame, # rows to predict (cach
     "p_abnormal (NaN in binary mode) and p_malignant for every row of a manifest."
     c = self.config
     if 'cache_path' not in manifest: manifest = cache_manifest(manifest, c)
-    pa = _predict_manifest(self.stage1, manifest, c, batch_size) if self.stage1 is not None else np.full(len(manifest), np.nan)
-    return pa, _predict_manifest(self.stage2, manifest, c, batch_size)
+    pa = _predict_manifest(self.stage1, manifest, c, batch_size, 'stage1') if self.stage1 is not None else np.full(len(manifest), np.nan)
+    return pa, _predict_manifest(self.stage2, manifest, c, batch_size, 'stage2')
 
 # %% ../nbs/05_cascade.ipynb #ed323c61
 @patch
@@ -203,7 +211,7 @@ def predict(self: Cascade, images, # a manifest, or a list of image paths / floa
 @patch
 def save(self: Cascade, path, # the folder to write (replaced atomically)
         ) -> Path:
-    "Save both stages, the thresholds and the preprocessing config into one folder (a `ModelDir`), atomically."
+    "Save both stages (with their SHA-256 in `cascade.json`), the thresholds and the preprocessing config into one folder (a `ModelDir`), atomically."
     if self.config is None: raise ConfigError('cannot save a Cascade without its config: pass config= when creating it')
     c = self.config
     meta = {'task': self.task, 'threshold1': self.threshold1, 'threshold2': self.threshold2,
@@ -213,6 +221,7 @@ def save(self: Cascade, path, # the folder to write (replaced atomically)
         out = ModelDir(tmp)
         for stage, model in (('stage1', self.stage1), ('stage2', self.stage2)):
             if model is not None: model.save(out.stage_model(stage))
+        meta['sha256'] = {f.name: file_sha256(f) for f in map(out.stage_model, STAGES) if f.exists()}   # checked by `load`
         out.write(meta, c)
     return Path(path)
 
@@ -221,22 +230,44 @@ def _load_keras(f: Path) -> keras.Model:
     "A saved stage model, loaded without running any Python code stored in it."
     import breast_cancer.model  # registers the custom layers, schedules and metrics
     try: return keras.saving.load_model(f, compile=False)
-    except ValueError as e:
-        if 'Lambda' not in str(e): raise DataError(f'{f}: not a loadable Keras model ({e})') from e
+    except Exception as e:   # a truncated zip, a missing file, a broken config inside it
+        if 'Lambda' not in str(e): raise DataError(f'{f}: not a loadable Keras model ({type(e).__name__}: {e}); it is damaged or '
+                                                   'incomplete: save the cascade again, or retrain') from e
         raise DataError(f'{f}: refused to load: the model holds a Lambda layer, whose Python code would run on loading; '
                         'rebuild it without Lambda layers, or load it yourself with keras.saving.load_model(..., '
                         'safe_mode=False) only if you trust where it came from') from None
+
+# %% ../nbs/05_cascade.ipynb #18cb007d
+def _check_meta(meta: dict, saved: ModelDir) -> dict:
+    "`meta` from `cascade.json` when both thresholds are numbers in [0, 1]; `DataError` naming the file otherwise."
+    for k in ('threshold1', 'threshold2'):
+        v = meta.get(k)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 1:
+            raise DataError(f'{saved.meta_file}: {k} is {"missing" if k not in meta else repr(v)}, not a number in [0, 1]: the file '
+                            'is damaged or was edited; save the cascade again (Cascade.save), or retrain')
+    return meta
+
+# %% ../nbs/05_cascade.ipynb #783f8e00
+def _load_stage(saved: ModelDir, stage: str, meta: dict) -> keras.Model:
+    "A stage's model after checking its SHA-256 against `cascade.json`; `DataError` naming the file if missing or changed."
+    f = saved.stage_model(stage); want = (meta.get('sha256') or {}).get(f.name)
+    if not f.is_file(): raise DataError(f'{f}: missing from the saved cascade ({saved.meta_file} lists task {meta.get("task")!r}); save it again')
+    if want is None: _log.warning(f'{saved.meta_file} records no SHA-256 for {f.name} (saved by an older version): loaded unchecked')
+    elif file_sha256(f) != want:
+        raise DataError(f'{f}: its SHA-256 differs from the one {saved.meta_file} recorded when the cascade was saved: the file '
+                        'was changed or damaged since; do not use it: save the cascade again from its run, or retrain')
+    return _load_keras(f)
 
 # %% ../nbs/05_cascade.ipynb #ca0f9991
 @patch(cls_method=True)
 def load(cls: Cascade, path, # a folder written by `Cascade.save`, or a run folder holding `cascade/`
         ) -> Cascade:
-    "Load a cascade saved by `Cascade.save` (a cascade folder, or a run folder holding `cascade/`)."
+    "Load a cascade saved by `Cascade.save` (a cascade folder, or a run folder holding `cascade/`), checking its files."
     saved = ModelDir(path)
     if not saved.exists() and RunDir(path).cascade.exists(): saved = RunDir(path).cascade
-    meta = saved.read_meta()
-    stage1 = _load_keras(saved.stage_model('stage1')) if saved.stage_model('stage1').exists() else None
-    return cls(stage1, _load_keras(saved.stage_model('stage2')), meta['threshold1'], meta['threshold2'], config=saved.read_config())
+    meta = _check_meta(saved.read_meta(), saved)
+    stage1 = _load_stage(saved, 'stage1', meta) if meta.get('task') == 'cascade' or saved.stage_model('stage1').exists() else None
+    return cls(stage1, _load_stage(saved, 'stage2', meta), meta['threshold1'], meta['threshold2'], config=saved.read_config())
 
 # %% ../nbs/05_cascade.ipynb #9326116a
 def predictions_frame(cascade: Cascade, # a fitted cascade
@@ -341,7 +372,9 @@ PREDICT_EXTRA = ('threshold_abnormal', 'threshold_malignant',        # the thres
 
 # %% ../nbs/05_cascade.ipynb #3afd14dd
 def _existing_files(paths: list) -> list[str]:
-    "The paths as strings; a `DataError` listing the first missing ones."
+    "The paths as strings; a `DataError` listing the first missing ones, or naming a folder given where an image file belongs."
+    if folders := [str(p) for p in paths if Path(p).is_dir()]:
+        raise DataError(f'{folders[0]} is a folder, not an image file: pass the image files in it (e.g. {Path(folders[0])/"*.png"})')
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing: raise DataError(f'{len(missing)} image file(s) not found: {", ".join(missing[:3])}')
     return [str(p) for p in paths]

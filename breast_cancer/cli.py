@@ -89,7 +89,7 @@ def _add_configs(sub):
 
 # %% ../nbs/08_cli.ipynb #b762e2e9
 def _download(args):
-    from breast_cancer.data import download
+    from breast_cancer.fetch import download
     out = download(args.name, args.dest, url=args.url, keep_archive=args.keep_archive)
     if out is not None: print(out)
 
@@ -196,27 +196,11 @@ def _add_evaluate(sub):
     sp.add_argument('--n-boot', type=int, default=2000, help='bootstrap replicates')
     sp.add_argument('--seed', type=int, default=0, help='bootstrap seed')
 
-# %% ../nbs/08_cli.ipynb #432ecd93
-def _configs_with_overrides(configs: list|None, # --config values (None: the template defaults)
-                            overrides: list[str], # --set values
-                            out_dir=None, # the reports folder
-                           ) -> list|None:
-    "The report configs with the --set overrides applied, as YAML files under `<out_dir>/configs/`."
-    if not overrides: return configs
-    from breast_cancer.config import apply_overrides
-    from breast_cancer.core import atomic_write_text
-    folder = Path(out_dir or reports_dir())/'configs'
-    out = []
-    for cfg in configs or [None]:
-        resolved = apply_overrides(cfg if cfg is not None else {}, overrides)
-        out.append(str(atomic_write_text(folder/f"{Path(cfg).stem if cfg else 'default'}.yaml", resolved.to_yaml())))
-    return out
-
 # %% ../nbs/08_cli.ipynb #071e975c
 def _report(args):
     from breast_cancer.report import run_reports
-    res = run_reports(args.datasets, configs=_configs_with_overrides(args.config, args.set, args.out_dir), data_root=args.data_root, out_dir=args.out_dir, jobs=args.jobs,
-                      quick=args.quick, template=args.template, run_name=args.run_name)
+    res = run_reports(args.datasets, configs=args.config, overrides=args.set, data_root=args.data_root, out_dir=args.out_dir,
+                      jobs=args.jobs, quick=args.quick, template=args.template, run_name=args.run_name)
     cols = [c for c in ('dataset', 'status', 'html', 'error') if c in res.columns]
     print(res[cols].to_string(index=False))
     return 1 if (res['status'] != 'ok').any() else 0

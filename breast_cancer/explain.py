@@ -4,12 +4,13 @@
 
 # %% ../nbs/06a_explain.ipynb #92d8122b
 from __future__ import annotations
+import math
 import numpy as np, pandas as pd
 from .core import ConfigError, DataError
-from .evaluate import _binary_task, _caption, _decision_confidence, _new_fig, _prob_text, validate_predictions
+from .evaluate import _binary_task, _new_fig, validate_predictions
 
 # %% auto #0
-__all__ = ['find_last_conv', 'grad_cam', 'saliency_map', 'plot_explanations']
+__all__ = ['find_last_conv', 'grad_cam', 'saliency_map', 'plot_misclassified', 'plot_explanations']
 
 # %% ../nbs/06a_explain.ipynb #4463c6ca
 def _is_conv(layer) -> bool:
@@ -125,6 +126,53 @@ def _model_input(model, image, transform=None) -> np.ndarray:
     if h is not None and x.shape[:2] != (h, w):
         x = resize(x, (h, w) + x.shape[2:], anti_aliasing=True, preserve_range=True).astype(np.float32)
     return x
+
+# %% ../nbs/06a_explain.ipynb #53ec1462
+def _decision_confidence(df: pd.DataFrame) -> pd.Series:
+    "How far the deciding probability was from 0.5 (stage 1 for 'normal' predictions, else stage 2)."
+    p = np.where(df['pred_label'].eq('normal') | df['p_malignant'].isna(), df['p_abnormal'], df['p_malignant'])
+    return pd.Series(np.abs(np.asarray(p, float) - 0.5), index=df.index).fillna(0)
+
+# %% ../nbs/06a_explain.ipynb #c8b7a9d5
+def _prob_text(p: float) -> str:
+    "A probability with enough digits never to round onto 0 or 1 (0.9996 reads '>0.999', not '1.00')."
+    return '>0.999' if p > 0.999 else '<0.001' if p < 0.001 else f'{p:.3f}'
+
+# %% ../nbs/06a_explain.ipynb #9dd655dc
+def _caption(row) -> str:
+    "An image's caption in the gallery: its id, the truth, the decision and both probabilities."
+    probs = ', '.join(f"{k[2:]} {_prob_text(row[k])}" for k in ('p_abnormal', 'p_malignant') if pd.notna(row[k]))
+    name = str(row['image_id']).replace('$', r'\$')   # an id is text: no matplotlib mathtext
+    return f"{name}\ntrue {row['true_label']} · pred {row['pred_label']}\nP: {probs}"
+
+# %% ../nbs/06a_explain.ipynb #b8a8c292
+def _show_grid(rows: pd.DataFrame, ncols: int, title: str, read):
+    "A figure of `rows`' images (read with `read`), captioned, `ncols` per row."
+    n = len(rows); nr = max(1, math.ceil(n / ncols))
+    fig, axes = _new_fig(nr, ncols, figsize=(2.6 * ncols, 2.9 * nr), squeeze=False)
+    for ax in axes.ravel(): ax.axis('off')
+    for ax, (_, r) in zip(axes.ravel(), rows.iterrows()):
+        img = read(r['image_path'])
+        ax.imshow(img, cmap='gray' if img.ndim == 2 else None, vmin=0, vmax=1); ax.set_title(_caption(r), fontsize=7)
+    fig.suptitle(title)
+    return fig
+
+# %% ../nbs/06a_explain.ipynb #edae376f
+def plot_misclassified(predictions: pd.DataFrame, # a Predictions table
+                       n: int = 8, # how many images to show
+                       ncols: int = 4, # images per row
+                       order: str = 'confident', # 'confident': most confidently wrong first; 'random'
+                       seed: int = 0, # for order='random'
+                      ):
+    "Gallery of misclassified images (pred_label ≠ true_label) with their probabilities."
+    from breast_cancer.data import read_image
+    df = validate_predictions(predictions)
+    wrong = df[df['pred_label'].astype(str) != df['true_label'].astype(str)]
+    if wrong.empty: raise DataError("plot_misclassified: no misclassified images in these predictions")
+    if order == 'confident': wrong = wrong.loc[_decision_confidence(wrong).sort_values(ascending=False, kind='stable').index]
+    elif order == 'random': wrong = wrong.sample(frac=1, random_state=seed)
+    else: raise ConfigError(f"order={order!r} is unknown; use 'confident' or 'random'")
+    return _show_grid(wrong.head(n), ncols, f'misclassified: {min(n, len(wrong))} of {len(wrong)} ({len(df)} images)', read_image)
 
 # %% ../nbs/06a_explain.ipynb #71697e01
 def _pick_cases(df: pd.DataFrame, n: int, score_col: str|None, threshold: float) -> pd.DataFrame:

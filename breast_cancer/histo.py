@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from .core import ConfigError, DataError, config_hash, get_logger, moved_names, sample_dir
 from .config import check_choice
-from .data import make_manifest, read_image
+from .data import make_manifest, read_image, _check_root
 
 _log = get_logger('histo')
 
@@ -33,12 +33,17 @@ def _scan_dir(d: str, suffix: str, stack: list) -> list[str]:
 def scan_files(root, # folder to walk (recursively)
                 suffix: str = '.png', # keep files whose name ends with this (case-insensitive)
                ) -> tuple[list[str], np.ndarray, list[str]]:
-    "One `os.scandir` walk: (folders, folder index of each file, file names) for files ending in `suffix`."
+    "One `os.scandir` walk (each folder once, however many links lead to it): (folders, folder index of each file, file names) for files ending in `suffix`."
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root): raise DataError(f"{root}: folder not found; pass the folder that holds the dataset")
-    dirs, dir_idx, names, stack, suffix = [], [], [], [root], suffix.lower()
+    _check_root(root, 'scan_files')
+    dirs, dir_idx, names, stack, suffix, seen = [], [], [], [root], suffix.lower(), set()
     while stack:
-        d = stack.pop(); found = _scan_dir(d, suffix, stack)
+        d = stack.pop()
+        try: st = os.stat(d)
+        except OSError: continue   # a link to nowhere, or one that loops back onto itself
+        if (st.st_dev, st.st_ino) in seen: continue   # a folder reached again through a symbolic link: walked once
+        seen.add((st.st_dev, st.st_ino)); found = _scan_dir(d, suffix, stack)
         if found: dir_idx.append(np.full(len(found), len(dirs), dtype=np.int32)); dirs.append(d); names.extend(found)
     return dirs, (np.concatenate(dir_idx) if dir_idx else np.zeros(0, np.int32)), names
 

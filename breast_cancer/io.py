@@ -28,6 +28,12 @@ def _is_dicom(path: Path) -> bool:
         with open(path, 'rb') as f: f.seek(128); return f.read(4) == b'DICM'
     except OSError: return False
 
+# %% ../nbs/01c_io.ipynb #2d93b619
+def _unreadable(path, e: OSError) -> DataError:
+    "The error for an image file this user may not read (permissions), as opposed to a corrupt one."
+    return DataError(f'{path}: cannot open the file ({e.strerror or e}): it is unreadable for this user, not corrupt; '
+                     'check its permissions (ls -l) or run as a user who may read it')
+
 # %% ../nbs/01c_io.ipynb #9c8da0aa
 NONFINITE = choices('data.nonfinite')  # 'error', 'zero' or 'clip': what read_image does with NaN/inf pixels (config key `data.nonfinite`)
 
@@ -119,15 +125,39 @@ def _dicom_affine(ds, raw: np.ndarray, path, nonfinite: str, rng: tuple[float, f
         k, b = (slope / (hi - lo), (intercept - lo) / (hi - lo)) if hi > lo else (0.0, 0.0)
     return (-k, 1 - b) if str(ds.get('PhotometricInterpretation', '')).upper() == 'MONOCHROME1' else (k, b)
 
+# %% ../nbs/01c_io.ipynb #eaac1659
+def _voi_range(ds) -> tuple[float, float]|None:
+    "The (min, max) output of the file's VOI LUT table or window (pydicom's `apply_voi_lut`), or None when it has neither."
+    from pydicom.pixels import apply_voi_lut
+    if 'VOILUTSequence' in ds:
+        n, first = (int(v) for v in ds.VOILUTSequence[0].LUTDescriptor[:2])
+        probe = np.arange(first, first + (n or 1 << 16), dtype=np.int64)   # every input the table maps (0 entries: 65536)
+    elif 'WindowCenter' in ds and 'WindowWidth' in ds: probe = np.array([-1e12, 1e12])
+    else: return None
+    out = apply_voi_lut(probe, ds); return float(out.min()), float(out.max())
+
+# %% ../nbs/01c_io.ipynb #d30de8d7
+def _dicom_lut(ds, raw: np.ndarray, path, nonfinite: str) -> np.ndarray:
+    "Display values in [0, 1] through pydicom's modality LUT and VOI LUT (or SIGMOID window); MONOCHROME1 inverted."
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    a = apply_modality_lut(raw, ds).astype(np.float32)
+    rng = _voi_range(ds)
+    if rng is None: lo, hi = _finite_range(a, path, nonfinite)
+    else: lo, hi = rng; a = apply_voi_lut(np.rint(a).astype(np.int64) if 'VOILUTSequence' in ds else a, ds).astype(np.float32)
+    a -= lo; a *= (1 / (hi - lo)) if hi > lo else 0.0
+    np.clip(a, 0, 1, out=a)
+    if str(ds.get('PhotometricInterpretation', '')).upper() == 'MONOCHROME1': np.subtract(1, a, out=a)  # low values are white
+    return a
+
 # %% ../nbs/01c_io.ipynb #536d1885
 def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     "Read a DICOM file with pydicom: modality LUT, VOI LUT/window, MONOCHROME1 inverted, in [0, 1] (float32, or `_Stored` if linear)."
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
     ds = None
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER)
         raw, rng = _dicom_pixels(ds, path)
+    except PermissionError as e: raise _unreadable(path, e) from e
     except Exception as e:  # suggest decoders only when the pixel data is compressed and no decoder could take it
         ts = getattr(getattr(ds, 'file_meta', None), 'TransferSyntaxUID', None)
         no_decoder = any(w in str(e).lower() for w in ('handler', 'plugin', 'dependenc', 'no decoder', 'not installed'))
@@ -136,7 +166,6 @@ def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray|_Stored:
                             '`pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg`') from e
         raise DataError(f'{path}: cannot read DICOM pixel data ({e}); the file is corrupt or incomplete, download it again') from e
     if getattr(ds, 'NumberOfFrames', 1) not in (None, 1) and raw.ndim >= 3 and ds.get('SamplesPerPixel', 1) == 1: raw = raw[0]
-    photometric = str(ds.get('PhotometricInterpretation', 'MONOCHROME2')).upper()
     if ds.get('SamplesPerPixel', 1) == 3:  # colour DICOM: pydicom already gives RGB for YBR when asked by default
         a = raw.astype(np.float32); _finite_range(a, path, nonfinite); hi = 255.0 if ds.BitsStored <= 8 else float(2 ** ds.BitsStored - 1)
         a *= 1 / hi; return np.clip(a, 0, 1, out=a)
@@ -144,17 +173,8 @@ def _read_dicom(path: Path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     kb = _dicom_affine(ds, raw, path, nonfinite, rng)
     if kb is not None:  # scaled later in one pass (two full-size copies at most), or while shrinking (`read_resized`)
         return _Stored(raw, *kb, in_range='WindowCenter' not in ds)   # no window: k, b map the image's own range onto [0, 1]
-    a = apply_modality_lut(raw, ds).astype(np.float32)  # a modality LUT, a VOI LUT or a SIGMOID window: pydicom's own
-    if 'VOILUTSequence' in ds:
-        lut = np.asarray(ds.VOILUTSequence[0].LUTData, dtype=np.float64); lo, hi = float(lut.min()), float(lut.max())
-    elif 'WindowCenter' in ds and 'WindowWidth' in ds:
-        probe = apply_voi_lut(np.array([-1e12, 1e12]), ds); lo, hi = float(probe.min()), float(probe.max())
-    else: lo, hi = _finite_range(a, path, nonfinite)
-    if 'VOILUTSequence' in ds or ('WindowCenter' in ds and 'WindowWidth' in ds): a = apply_voi_lut(a, ds).astype(np.float32)
-    a -= lo; a *= (1 / (hi - lo)) if hi > lo else 0.0
-    np.clip(a, 0, 1, out=a)
-    if photometric == 'MONOCHROME1': np.subtract(1, a, out=a)
-    return a
+    return _dicom_lut(ds, raw, path, nonfinite)   # a modality LUT, a VOI LUT or a SIGMOID window: pydicom's own
+
 
 # %% ../nbs/01c_io.ipynb #7eabd67b
 def _truncated(path: Path, size: int, need: int) -> DataError:
@@ -208,6 +228,7 @@ def _read_source(path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     from PIL import Image, UnidentifiedImageError
     path = Path(path)
     check_choice(nonfinite, 'data.nonfinite', 'nonfinite')
+    if path.is_dir(): raise DataError(f'{path} is a folder, not an image file: pass the image files in it')
     if not path.is_file(): raise DataError(f'image not found: {path}; check the path (and the dataset root) in the manifest')
     if _is_dicom(path): return _read_dicom(path, nonfinite)
     try:
@@ -223,6 +244,7 @@ def _read_source(path, nonfinite: str = 'error') -> np.ndarray|_Stored:
     except Image.DecompressionBombError as e:
         raise DataError(f'{path}: refusing to decode ({e}); if the image is genuine, raise PIL.Image.MAX_IMAGE_PIXELS '
                         'before reading it') from e
+    except PermissionError as e: raise _unreadable(path, e) from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f'{path}: cannot read image ({e}); the file is corrupt or not an image, download it again '
                         'or remove it from the manifest') from e
@@ -276,6 +298,7 @@ def _image_size(path: Path) -> tuple[int, int]:
             if im.format == 'PNG': im.verify()  # checks every chunk's CRC without decoding the pixels
             return im.size
     except DataError: raise
+    except PermissionError as e: raise _unreadable(path, e) from e
     except Exception as e:
         raise DataError(f'{path}: unreadable image ({e}); download it again (breast-cancer download mias)') from e
 

@@ -336,7 +336,8 @@ def load_cbis_ddsm(root, # the CBIS-DDSM folder (any of the three layouts)
     if (both > 1).any():
         warnings.warn(f"CBIS-DDSM: {int((both > 1).sum())} patient(s) are in both the official train and test splits "
                       f"(the mass and calc splits were drawn separately), e.g. {list(both[both > 1].index[:3])}; "
-                      "use breast_cancer.data.patient_split for a split without patient leakage")
+                      "training refuses such a split: load it with official_split=False (config: `official_split: false` in the dataset's "
+                      "options) for a patient-level split")
     if per == 'image': return make_manifest(_cbis_image_rows(abn), 'cbis_ddsm')
     recs = abn.assign(full_image_id=abn['image_id'], image_id=abn['image_id'] + '_' + abn['abnormality_id'].astype(str),
                       label=abn['pathology'].map(CBIS_PATHOLOGY), lesions=[[l] for l in abn['lesion']])

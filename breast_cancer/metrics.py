@@ -14,9 +14,9 @@ from .data import LABELS
 
 # %% auto #0
 __all__ = ['BINARY_METRICS', 'MIN_PATIENTS', 'MIN_PER_CLASS', 'AGGREGATIONS', 'group_codes', 'bootstrap_weights',
-           'degenerate_interval', 'format_ci', 'markdown_table', 'Metrics', 'binary_metrics', 'sample_size_note',
-           'multiclass_metrics', 'delong_covariance', 'AUCComparison', 'compare_auc', 'metrics_table',
-           'choose_threshold', 'breast_side', 'aggregate_breasts']
+           'degenerate_interval', 'format_ci', 'markdown_text', 'markdown_table', 'Metrics', 'binary_metrics',
+           'sample_size_note', 'multiclass_metrics', 'delong_covariance', 'AUCComparison', 'compare_auc',
+           'metrics_table', 'choose_threshold', 'breast_side', 'aggregate_breasts']
 
 # %% ../nbs/05a_metrics.ipynb #dbf09b6f
 _log = get_logger('metrics')
@@ -121,17 +121,25 @@ def format_ci(value, # the point estimate (None or NaN: missing)
     if degenerate_interval(lower, upper): return s + ' (degenerate interval: too few cases)'
     return s + f' [{f(lower)}, {f(upper)}]'
 
+# %% ../nbs/05a_metrics.ipynb #a66335ce
+_MD_LITERAL = {'|': '&#124;', **{ch: '\\' + ch for ch in '\\`*_[]~:'}}  # Markdown marks, shown as themselves
+
+def markdown_text(value, # any value from data: an id, a path, a label (anything with a `str`)
+                 ) -> str:
+    "`value` as literal Markdown on one line: HTML-escaped, `|` as `&#124;`, and code, link and emphasis marks backslash-escaped."
+    s = html.escape(' '.join(str(value).splitlines()), quote=False)
+    return ''.join(_MD_LITERAL.get(ch, ch) for ch in s)
+
 # %% ../nbs/05a_metrics.ipynb #39725210
 def markdown_table(df: pd.DataFrame, # the table; cells may hold anything (ids, file names, labels from a CSV)
                    index: bool = False, # write the index as the first column(s)
                    empty: str = '_none_', # what to write for a table without rows
                   ) -> str:
-    "A DataFrame as a Markdown table, every cell HTML-escaped (`<`, `>`, `&`, and `|` as `&#124;`)."
+    "A DataFrame as a Markdown table, every cell and column name through `markdown_text` (literal text, nothing live)."
     if index: df = df.reset_index()
     if df.empty: return empty + '\n'
-    cell = lambda v: html.escape(' '.join(str(v).splitlines()), quote=False).replace('|', '&#124;')
-    return ('| ' + ' | '.join(map(cell, df.columns)) + ' |\n|' + '---|' * df.shape[1] + '\n' +
-            ''.join('| ' + ' | '.join(map(cell, r)) + ' |\n' for r in df.itertuples(index=False)))
+    return ('| ' + ' | '.join(map(markdown_text, df.columns)) + ' |\n|' + '---|' * df.shape[1] + '\n' +
+            ''.join('| ' + ' | '.join(map(markdown_text, r)) + ' |\n' for r in df.itertuples(index=False)))
 
 # %% ../nbs/05a_metrics.ipynb #2e1f8abb
 @dataclasses.dataclass
@@ -168,7 +176,7 @@ class Metrics:
     def _repr_markdown_(self) -> str:
         t = markdown_table(self.formatted().rename(f'value [{self.ci:.0%} CI]').rename_axis('metric').to_frame(), index=True)
         if self.confusion is not None: t += '\n' + markdown_table(self.confusion.rename_axis('true \\ predicted'), index=True)
-        return f"{self._caption()}\n\n{t}"
+        return f"{markdown_text(self._caption())}\n\n{t}"   # the title may come from data
     def __repr__(self) -> str:
         s = self._caption() + '\n' + self.formatted().to_string()
         if self.confusion is not None: s += '\nconfusion (rows true, columns predicted):\n' + self.confusion.to_string()

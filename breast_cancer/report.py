@@ -7,11 +7,12 @@ from __future__ import annotations
 import datetime as dt, html, json, multiprocessing, os, re, shutil, sys, tempfile, time, traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+from urllib.parse import quote
 import pandas as pd
 from jupyter_client.manager import AsyncKernelManager
 from jupyter_client.kernelspec import KernelSpec
-from .metrics import MIN_PATIENTS, MIN_PER_CLASS, format_ci, markdown_table, sample_size_note
-from .core import (BreastCancerError, ConfigError, DataError, atomic_write_text, check_name, folder_lock,
+from .metrics import MIN_PATIENTS, MIN_PER_CLASS, format_ci, markdown_table, markdown_text, sample_size_note
+from .core import (BreastCancerError, ConfigError, DataError, atomic_write_csv, atomic_write_text, check_name, folder_lock, quiet_tensorflow,
                    get_logger, package_dir, path_inside, reports_dir, sample_dir)
 from .config import config_path
 from .data import DATASETS as _REGISTRY
@@ -19,11 +20,12 @@ from .rundir import RunDir
 
 
 # %% auto #0
-__all__ = ['DATASETS', 'PUBLISHED_METRICS', 'REPORTED', 'STAGE_METRICS', 'published_results', 'report_setup', 'show_figure',
-           'show_markdown', 'template_path', 'CurrentPythonKernelManager', 'external_images', 'embedded_images',
-           'notebook_to_html', 'ReportFailed', 'execute_notebook', 'metrics_record', 'parse_data_roots', 'run_reports',
-           'collect_reports', 'summary_frame', 'paper_tables', 'published_beside_ours', 'write_index', 'demo_notice',
-           'reproducibility_block']
+__all__ = ['DATASETS', 'PUBLISHED_METRICS', 'REPORTED', 'REPORT_KERNEL_ENV', 'STAGE_METRICS', 'published_results',
+           'report_kernel_env', 'report_setup', 'show_figure', 'show_markdown', 'template_path', 'ReportKernelManager',
+           'CurrentPythonKernelManager', 'external_images', 'embedded_images', 'notebook_to_html', 'ReportFailed',
+           'execute_notebook', 'metrics_record', 'parse_data_roots', 'run_reports', 'collect_reports', 'summary_frame',
+           'paper_tables', 'published_beside_ours', 'write_index', 'demo_notice', 'reproducibility_block',
+           'model_card_link']
 
 # %% ../nbs/07_report.ipynb #78b69a24
 _log = get_logger('report')
@@ -60,6 +62,17 @@ def _reported(published: pd.DataFrame) -> dict:
 
 REPORTED = _reported(published_results())
 
+# %% ../nbs/07_report.ipynb #4a01999b
+REPORT_KERNEL_ENV = {'TQDM_DISABLE': '1'}   # no progress bars in a report (TensorFlow's log: `core.quiet_tensorflow`)
+
+# %% ../nbs/07_report.ipynb #e1c36c07
+def report_kernel_env(env: dict|None = None, # the environment to start from (default: this process's)
+                     ) -> dict:
+    "`env` with `REPORT_KERNEL_ENV` set and TensorFlow's C++ log off (`quiet_tensorflow`); a log level asked for (0 or 1, e.g. by `-vv`) is kept."
+    env = dict(os.environ if env is None else env)
+    if env.get('TF_CPP_MIN_LOG_LEVEL') not in ('0', '1'): env.pop('TF_CPP_MIN_LOG_LEVEL', None)  # 2 still lets errors (cuInit) through
+    return {**quiet_tensorflow(0, env=env), **REPORT_KERNEL_ENV}
+
 # %% ../nbs/07_report.ipynb #427d32be
 def report_setup(dataset: str, # the report's dataset: a key of `DATASETS`
                 ) -> dict:
@@ -67,8 +80,7 @@ def report_setup(dataset: str, # the report's dataset: a key of `DATASETS`
     import warnings
     import matplotlib.pyplot as plt
     from IPython import get_ipython
-    os.environ['TF_CPP_MIN_LOG_LEVEL'] = '3'    # keep TensorFlow's C++ log out of the report
-    os.environ.setdefault('TQDM_DISABLE', '1')  # no progress bars in the report
+    os.environ.update(report_kernel_env())  # as the kernel started (no TensorFlow C++ log, no progress bars), for any other kernel
     for kw in (dict(category=UserWarning), dict(category=FutureWarning), dict(message='IProgress not found')):
         warnings.filterwarnings('ignore', **kw)
     if (ip := get_ipython()) is not None: ip.run_line_magic('matplotlib', 'inline')  # inline even when MPLBACKEND=Agg
@@ -104,8 +116,15 @@ def template_path(template: str|Path = 'evaluate_dataset', # a packaged template
     avail = sorted(q.stem for q in (here/'templates').glob('*.ipynb'))
     raise ConfigError(f"report template {str(template)!r} not found: use one of {avail} or the path of a notebook")
 
+# %% ../nbs/07_report.ipynb #a7b997e0
+class ReportKernelManager(AsyncKernelManager):
+    "A kernel manager that starts its kernel with `report_kernel_env()`: TensorFlow's C++ log is off before anything imports it."
+    async def _async_launch_kernel(self, kernel_cmd: list[str], **kw):
+        kw['env'] = report_kernel_env(kw.get('env'))
+        return await super()._async_launch_kernel(kernel_cmd, **kw)
+
 # %% ../nbs/07_report.ipynb #a4bceee9
-class CurrentPythonKernelManager(AsyncKernelManager):
+class CurrentPythonKernelManager(ReportKernelManager):
     "A kernel manager whose kernel is this process's Python (`sys.executable -m ipykernel_launcher`), with no kernelspec lookup."
     @property
     def kernel_spec(self) -> KernelSpec:
@@ -170,7 +189,7 @@ def _write_demo_template(path: str|Path, fail: bool = False) -> Path:
     from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
     nb = new_notebook(cells=[
         new_markdown_cell('# Demo report'),
-        new_code_cell("dataset = 'mias'\ndata_root = None\nconfig = None\noutput_dir = '.'\nquick = True\naccuracy = 0.8\nrun_name = 'demo'", metadata={'tags': ['parameters']}),
+        new_code_cell("dataset = 'mias'\ndata_root = None\nconfig = None\noutput_dir = '.'\nreport_dir = '.'\nquick = True\naccuracy = 0.8\nrun_name = 'demo'", metadata={'tags': ['parameters']}),
         new_code_cell("import json, os, matplotlib.pyplot as plt\nget_ipython().run_line_magic('matplotlib', 'inline')\nfrom breast_cancer.report import metrics_record\n"
                       + ("raise ValueError('broken config: ' + str(config))\n" if fail else '')
                       + "plt.plot([0, 1], [0, accuracy]); plt.title(dataset); plt.show()"),
@@ -183,7 +202,7 @@ def _write_demo_template(path: str|Path, fail: bool = False) -> Path:
 # %% ../nbs/07_report.ipynb #41823c36
 def execute_notebook(template: str|Path, # template name or notebook path
                      target: str|Path, # the report's path without suffix: `<target>.ipynb`, `.html`, `.metrics.json`
-                     parameters: dict|None = None, # papermill parameters (`output_dir` is set to the temporary folder)
+                     parameters: dict|None = None, # papermill parameters (`output_dir`: the temporary folder; `report_dir`: where the HTML lands)
                      kernel_name: str|None = None, # a registered kernel; None = this Python (`CurrentPythonKernelManager`)
                      progress: bool = True, # a progress bar over the cells
                      timeout: float|None = None, # seconds allowed per cell (None = no limit)
@@ -193,8 +212,9 @@ def execute_notebook(template: str|Path, # template name or notebook path
     target = Path(target); target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f'.{target.name}.', suffix='.tmp', dir=target.parent))
     nb_tmp, html_tmp = tmp/f'{target.name}.ipynb', tmp/f'{target.name}.html'
-    params = dict(parameters or {}, output_dir=str(tmp))
-    kw = dict(kernel_name=kernel_name) if kernel_name else dict(kernel_name='python3', kernel_manager_class=CurrentPythonKernelManager)
+    params = dict(parameters or {}, output_dir=str(tmp), report_dir=str(target.parent.resolve()))
+    kw = (dict(kernel_name=kernel_name, kernel_manager_class=ReportKernelManager) if kernel_name
+          else dict(kernel_name='python3', kernel_manager_class=CurrentPythonKernelManager))
     try:
         try:
             pm.execute_notebook(str(template_path(template)), str(nb_tmp), parameters=params, language='python',
@@ -317,6 +337,42 @@ def _run_one(task: dict) -> dict:
     except OSError as e: rec['error'] += f' (and its status file could not be written: {e})'
     return rec
 
+# %% ../nbs/07_report.ipynb #8ace2431
+def _with_overrides(configs: list, # config paths (None: the defaults)
+                    overrides: list[str]|None, # 'key=value' strings
+                   ) -> list|None:
+    "The resolved Config of each config with `overrides` applied (a `ConfigError` names a bad one); None without overrides."
+    if not overrides: return None
+    from breast_cancer.config import apply_overrides
+    return [apply_overrides(c if c is not None else {}, list(overrides)) for c in configs]
+
+# %% ../nbs/07_report.ipynb #98fed94e
+def _batch_id() -> str:
+    "A name for this batch's own files: its start time and process id."
+    return f"{dt.datetime.now().strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+
+# %% ../nbs/07_report.ipynb #cf87782a
+def _write_batch_configs(tasks: list[dict], resolved: list|None, folder: Path):
+    "Write the overridden configs (`_with_overrides`) into `folder` and point each task at its file; nothing without overrides."
+    if resolved is None: return
+    by_path = {}
+    for task in tasks:
+        i = task['config_index']
+        if i not in by_path:
+            name = Path(task['parameters']['config']).stem if task['parameters']['config'] else 'default'
+            by_path[i] = str(_readable(atomic_write_text(folder/f'{name}.yaml', resolved[i].to_yaml())))
+        task['parameters']['config'] = task['row']['config'] = by_path[i]
+
+# %% ../nbs/07_report.ipynb #8c9c1708
+def _writable(folder: Path) -> Path:
+    "`folder`, created if missing; `ConfigError` naming it when it cannot be created or written."
+    try: folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise ConfigError(f"reports folder {folder} cannot be created ({e.strerror}): pass another --out-dir") from None
+    probe = folder/f'.write-test-{os.getpid()}'
+    try: probe.write_bytes(b''); probe.unlink()
+    except OSError as e: raise ConfigError(f"reports folder {folder} is not writable ({e.strerror}): make it writable or pass another --out-dir") from None
+    return folder
+
 # %% ../nbs/07_report.ipynb #9abb9e06
 _REPORT_COLUMNS = ['dataset', 'config', 'run_name', 'status', 'error', 'seconds', 'html', 'notebook', 'metrics', 'started']
 
@@ -337,6 +393,7 @@ def run_reports(datasets: str|list[str], # dataset names ('mias,breakhis' or a l
                 run_name: str|None = None, # report file name; default: the config's file name (+ '-quick')
                 kernel_name: str|None = None, # a registered Jupyter kernel; None: this Python
                 parameters: dict|None = None, # extra template parameters (image_size, folds, seed, run_dir, ...)
+                overrides: list[str]|None = None, # config overrides 'key=value' (CLI --set), applied to every config
                 progress: bool = True, # progress bars per dataset and per cell
                 index: bool = True, # write index.html, summary.csv and summary.md afterwards
                ) -> pd.DataFrame:
@@ -347,20 +404,23 @@ def run_reports(datasets: str|list[str], # dataset names ('mias,breakhis' or a l
     if bad := [d for d in datasets if d not in DATASETS]:
         raise ConfigError(f"unknown dataset(s) {bad}: choose from {list(DATASETS)}")
     configs = [None if c is None else config_path(c).resolve() for c in configs]  # a preset name or a path; ConfigError if neither
+    resolved = _with_overrides(configs, overrides)  # checked now; written under the lock, into this batch's own folder
     template = template_path(template); out_dir = Path(out_dir or reports_dir()).resolve()
     data_root = parse_data_roots(data_root)
     tasks = []
     for dataset in datasets:
-        for config, name in zip(configs, _run_names(configs, run_name, quick)):
+        for k, (config, name) in enumerate(zip(configs, _run_names(configs, run_name, quick))):
             task = dict(row=dict(dataset=dataset, config=str(config) if config else '', run_name=name, template=str(template)),
                         target=str(path_inside(out_dir, dataset, name)), template=str(template), kernel_name=kernel_name,
-                        progress=bool(progress) and jobs == 1)
+                        config_index=k, progress=bool(progress) and jobs == 1)
             try: root = _data_root_for(dataset, data_root)
             except BreastCancerError as e: root, task['error'] = None, str(e)
             task['parameters'] = dict(parameters or {}, dataset=dataset, data_root=root,
                                       config=str(config) if config else None, quick=bool(quick), run_name=name)
             tasks.append(task)
+    _writable(out_dir)
     with folder_lock(out_dir, 'reports folder'):  # one batch writes into a reports folder at a time
+        _write_batch_configs(tasks, resolved, out_dir/'configs'/_batch_id())
         jobs = max(1, min(int(jobs or 1), len(tasks), os.cpu_count() or 1))
         bar = tqdm(total=len(tasks), desc='reports', unit='report', disable=not progress)
         records = []
@@ -491,7 +551,7 @@ def write_index(out_dir: str|Path|None = None, # reports folder (default `core.r
     out_dir = Path(out_dir or reports_dir()); out_dir.mkdir(parents=True, exist_ok=True)
     reports = collect_reports(out_dir); summary = summary_frame(reports)
     tables = paper_tables(summary)
-    _readable(atomic_write_text(out_dir/'summary.csv', summary.to_csv(index=False)))
+    _readable(atomic_write_csv(summary, out_dir/'summary.csv', index=False))
     titles = {'model 1 (normal vs abnormal)': 'Table 1 - model 1: normal vs abnormal',
               'model 2 (benign vs malignant)': 'Table 2 - model 2: benign vs malignant'}
     stamp = dt.datetime.now().isoformat(timespec='seconds')
@@ -563,15 +623,23 @@ def _machine_facts(meta: dict, # a run's metadata (`RunDir.read_metadata`)
 # %% ../nbs/07_report.ipynb #c59335a4
 def reproducibility_block(run_dir, # a run folder: its metadata, config and test predictions, read through `RunDir`
                          ) -> str:
-    "Markdown: git commit, config and manifest hashes, packages, hardware, seeds, wall time and the predictions file of a run."
+    "Markdown (every value escaped, `metrics.markdown_table`): git commit, config and manifest hashes, packages, hardware, seeds, wall time and the predictions file of a run."
     run = RunDir(run_dir)
     meta = run.read_metadata()
     cfg = run.read_config() if run.exists() else {}
     pred = run.predictions_file('test')
-    rows = [('git commit', f"`{meta.get('git_commit') or 'unknown (not a git checkout)'}`"),
-            ('config hash', f"`{meta.get('config_hash', '?')}` (`{run.config_file}`)"),
-            ('manifest hash', f"`{meta.get('manifest_hash', '?')}` ({meta.get('n_images', '?')} images, labels {meta.get('label_counts', {})})"),
+    rows = [('git commit', meta.get('git_commit') or 'unknown (not a git checkout)'),
+            ('config hash', f"{meta.get('config_hash', '?')} ({run.config_file})"),
+            ('manifest hash', f"{meta.get('manifest_hash', '?')} ({meta.get('n_images', '?')} images, labels {meta.get('label_counts', {})})"),
             ('seeds', f"run seed {cfg.get('seed', '?')}; deterministic ops {(cfg.get('train') or {}).get('deterministic', '?')}"),
             *_machine_facts(meta),
-            ('predictions', f"[{pred}]({pred.resolve().as_uri()})" if pred.exists() else 'not written')]
+            ('predictions', str(pred) if pred.exists() else 'not written')]
     return markdown_table(pd.DataFrame(rows, columns=['', '']))
+
+# %% ../nbs/07_report.ipynb #e3ce4013
+def model_card_link(card: str|Path, # the run's model card (`RunDir.model_card_file`)
+                    report_dir: str|Path, # the folder the report's HTML is written to
+                   ) -> str:
+    "Markdown: a link to the run's model card, relative to the report's folder."
+    rel = Path(os.path.relpath(Path(card).resolve(), Path(report_dir).resolve())).as_posix()
+    return f"**Model card** of this run, refreshed with these test metrics: [{markdown_text(Path(card).name)}]({quote(rel)})"

@@ -41,7 +41,7 @@ def test_help_does_not_import_bench():
 
 
 @pytest.mark.parametrize('module, name, new', [
-    ('train', 'learnability', 'bench_learn'), ('train', 'FROM_SCRATCH', 'FROM_SCRATCH'), ('train', 'synthetic_task', 'synthetic_task'),
+    ('train', 'learnability', 'bench_learn'), ('train', 'synthetic_task', 'synthetic_task'),
     ('train', 'add_lesion', 'add_lesion'), ('train', 'bench_pipeline', 'bench_pipeline'), ('train', 'bench_distribute', 'bench_distribute'),
     ('data', 'bench_cache', 'bench_cache'), ('evaluate', 'benchmark_bootstrap', 'bench_bootstrap'), ('histo', 'bench_load_idc', 'bench_load_idc'),
     ('wavelet', 'bench_wavelet', 'bench_wavelet'), ('wavelet', 'bench_cache_scale', 'bench_cache_scale')])
@@ -130,9 +130,10 @@ def test_learnability_small_cnn_learns_an_easy_signal(cache_env, tmp_path):
     assert curve['p_max'].iloc[-1] - curve['p_min'].iloc[-1] > 0.1    # not a constant prediction
 
 
-def test_learnability_trains_a_random_init_backbone_with_the_from_scratch_recipe(cache_env, tmp_path, monkeypatch):
-    "A backbone without pretrained weights gets FROM_SCRATCH (Adam); the small CNN and explicit overrides keep theirs."
+def test_bench_learn_trains_the_preset_as_given(cache_env, tmp_path, monkeypatch):
+    "No hidden recipe: both models train with the config's optimizer and schedule; only `overrides` change them."
     from breast_cancer import model as bc_model, train as T   # bench calls train.train through its module: patched there
+    from breast_cancer.config import load_config
     from breast_cancer.model import small_cnn
     seen = []
     monkeypatch.setattr(bc_model, 'build_model', lambda *a, **k: small_cnn((32, 32, 1), blocks=1, width=4))
@@ -140,9 +141,18 @@ def test_learnability_trains_a_random_init_backbone_with_the_from_scratch_recipe
         seen.append((k['run_dir'].name, c.train.optimizer, c.get('train.clr.maximal_learning_rate'))); k['callbacks'][0].set_model(net)
     monkeypatch.setattr(T, 'train', fake_train)
     bench.bench_learn({**TINY, 'model': {'weights': None}}, steps=2, eval_every=2, workdir=tmp_path, log_fn=None)
-    assert seen[0][:2] == ('resnet50', 'adam') and seen[0][2] == bench.FROM_SCRATCH['train.clr.maximal_learning_rate']
-    assert seen[1][0] == 'small_cnn' and seen[1][1] != 'adam'            # the reference CNN keeps the config's optimizer
+    cfg = load_config(TINY)
+    assert seen == [(n, cfg.train.optimizer, cfg.train.clr.maximal_learning_rate) for n in ('resnet50', 'small_cnn')]
     seen.clear()
     bench.learnability({**TINY, 'model': {'weights': None}}, steps=2, eval_every=2, workdir=tmp_path / 'b', log_fn=None,
-                       overrides={'train.clr.maximal_learning_rate': 0.02})
-    assert seen[0][1] == 'adam' and seen[0][2] == 0.02                      # an explicit key wins over the recipe
+                       overrides={'train.clr.maximal_learning_rate': 0.02}, task='faint')
+    assert [s[2] for s in seen] == [0.02, 0.02]                             # an explicit key reaches both models
+
+
+def test_the_demo_preset_holds_the_from_scratch_settings():
+    "The settings under which a random-init ResNet-50 learns are the demo preset's own (issue 25), not a bench override."
+    from breast_cancer.config import load_config
+    c = load_config('demo')
+    assert c.model.weights is None
+    assert (c.train.optimizer, c.train.clr.initial_learning_rate, c.train.clr.maximal_learning_rate) == ('adam', 1e-4, 1e-3)
+    assert not hasattr(bench, 'FROM_SCRATCH')

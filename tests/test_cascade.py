@@ -226,3 +226,44 @@ def test_one_prediction_column_set(fitted, manifest, tmp_path, mias_sample):
     rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith('{')]
     assert [list(r) for r in rows] == [list(table.columns)] * 2                                   # the CLI's JSON
     np.testing.assert_allclose([r['p_malignant'] for r in rows], table['p_malignant'], atol=1e-5)
+
+
+# ---------------------------------------------------------------- a saved cascade's integrity (issue 25)
+def _edit_stage(src: Path, dst: Path, old: bytes, new: bytes) -> Path:
+    "A copy of the saved cascade `src` whose stage2.keras has `old` replaced by `new` inside its config.json."
+    import shutil, zipfile
+    shutil.copytree(src, dst)
+    with zipfile.ZipFile(src/'stage2.keras') as z: parts = {n: z.read(n) for n in z.namelist()}
+    assert old in parts['config.json']
+    parts['config.json'] = parts['config.json'].replace(old, new)
+    with zipfile.ZipFile(dst/'stage2.keras', 'w') as z:
+        for n, b in parts.items(): z.writestr(n, b)
+    return dst
+
+def test_saved_cascade_files_are_checked(fitted, tmp_path, mias_sample):
+    "An edited .keras (sigmoid -> linear), a truncated one, a broken cascade.json or a missing threshold: an error naming the file."
+    import shutil
+    from breast_cancer.core import file_sha256
+    cas, _ = fitted
+    saved = cas.save(tmp_path/'cascade')
+    meta = json.loads((saved/'cascade.json').read_text())
+    assert meta['sha256'] == {f: file_sha256(saved/f) for f in ('stage1.keras', 'stage2.keras')}
+    linear = _edit_stage(saved, tmp_path/'linear', b'"sigmoid"', b'"linear"')
+    with pytest.raises(DataError, match=r'linear/stage2.keras: its SHA-256 differs from the one .*cascade.json recorded'):
+        C.Cascade.load(linear)
+    shutil.copytree(saved, tmp_path/'cut'); f = tmp_path/'cut'/'stage1.keras'; f.write_bytes(f.read_bytes()[:3000])
+    with pytest.raises(DataError, match='cut/stage1.keras: its SHA-256 differs'): C.Cascade.load(tmp_path/'cut')
+    with pytest.raises(DataError, match='cut/stage1.keras: not a loadable Keras model'): C._load_keras(f)
+    (tmp_path/'cut'/'cascade.json').write_text('{"task": "cascade", "thre')
+    with pytest.raises(DataError, match='cut/cascade.json: not a readable JSON file'): C.Cascade.load(tmp_path/'cut')
+    (tmp_path/'cut'/'cascade.json').write_text(json.dumps({k: v for k, v in meta.items() if k != 'threshold1'}))
+    with pytest.raises(DataError, match=r'cut/cascade.json: threshold1 is missing, not a number in \[0, 1\]'): C.Cascade.load(tmp_path/'cut')
+    # were the checksum forged too, the linear stage's outputs are no probabilities: predicting refuses them
+    meta2 = dict(meta, sha256=dict(meta['sha256'], **{'stage2.keras': file_sha256(linear/'stage2.keras')}))
+    (linear/'cascade.json').write_text(json.dumps(meta2))
+    edited = C.Cascade.load(linear)
+    last = edited.stage2.layers[-1]; last.set_weights([np.full_like(w, 5.0) for w in last.get_weights()])
+    with pytest.raises(DataError, match=r'stage2 \(model .*\) gave outputs outside \[0, 1\]'):
+        edited.predict([mias_sample/'mdb001.png'])
+    # a folder where an image file belongs
+    with pytest.raises(DataError, match=f'{mias_sample} is a folder, not an image file'): C.predict_table(saved, [mias_sample])

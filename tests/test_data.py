@@ -65,6 +65,37 @@ def test_read_dicom_rescale_window_monochrome1(tmp_path):
     plain = read_image(write_dicom(tmp_path / 'b.dcm', px))
     assert np.allclose(plain, px / 500)
 
+def _lut_sequence(values, first=0):
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+    item = Dataset(); item.LUTDescriptor = [len(values), first, 16]; item.LUTData = np.asarray(values, '<u2').tobytes()
+    return Sequence([item])
+
+@pytest.mark.parametrize('lut', ['ModalityLUTSequence', 'VOILUTSequence'])
+def test_read_dicom_monochrome1_with_a_lut(tmp_path, lut):
+    "A MONOCHROME1 film with a (non-linear) modality or VOI LUT is inverted too: its lowest stored value is white."
+    stored = np.arange(8, dtype=np.uint16).reshape(2, 4)
+    curve = np.array([0, 10, 40, 90, 160, 250, 360, 490])
+    m1 = read_image(write_dicom(tmp_path / 'm1.dcm', stored, 'MONOCHROME1', **{lut: _lut_sequence(curve)}))
+    m2 = read_image(write_dicom(tmp_path / 'm2.dcm', stored, 'MONOCHROME2', **{lut: _lut_sequence(curve)}))
+    assert np.allclose(m2.ravel(), curve / 490, atol=1e-6)
+    assert np.allclose(m1.ravel(), 1 - curve / 490, atol=1e-6)
+    assert m1[0, 0] > 0.999 and m1[1, 3] < 1e-6   # the lowest stored value is white
+
+def test_unreadable_file_is_not_called_corrupt(tmp_path, monkeypatch):
+    "A file the user may not read: the error says unreadable (permissions), for PNG and DICOM alike."
+    import builtins
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / 'locked.png')
+    write_dicom(tmp_path / 'locked.dcm', np.zeros((4, 4), np.uint16))
+    real_open = builtins.open
+    def refuse(f, *a, **k):   # root may read anything, so the OS's refusal is played here
+        if 'locked' in str(f): raise PermissionError(13, 'Permission denied', str(f))
+        return real_open(f, *a, **k)
+    monkeypatch.setattr(builtins, 'open', refuse)
+    for f in (tmp_path / 'locked.png', tmp_path / 'locked.dcm'):
+        with pytest.raises(DataError, match='unreadable for this user, not corrupt') as e: read_image(f)
+        assert str(f) in str(e.value) and 'corrupt or' not in str(e.value)
+
 def test_read_image_errors_name_the_file(tmp_path):
     (tmp_path / 'broken.png').write_bytes(b'\x89PNG\r\n\x1a\n' + bytes(range(200)))
     with pytest.raises(DataError, match='broken.png'): read_image(tmp_path / 'broken.png')
@@ -160,18 +191,22 @@ def test_split_stratifies_better_than_chance():
            for s in (patient_split(m, seed=k) for k in range(5))]
     assert max(dev) < 0.05, dev
 
-def test_official_split_kept_and_leak_warned(caplog):
+def test_official_split_kept_and_leaky_one_refused(tmp_path):
+    "A dataset's own split is kept; one that puts a patient on both sides is refused when the split is built (so `train` stops)."
+    from breast_cancer.config import load_config
+    from breast_cancer.train import ensure_split
     m = _synthetic_manifest()
     pid = m.patient_id.str[1:].astype(int)
     m['split'] = np.where(pid % 4 == 0, 'test', 'train')
-    m.loc[m.index[m.patient_id == 'p1'][:1], 'split'] = 'test'  # the published split leaks patient p1
     s = patient_split(m, seed=0)
     assert (s.split[m.split == 'test'] == 'test').all() and set(s.split[m.split == 'train']) == {'train', 'val'}
-    assert 'both train and test' in caplog.text
-    fresh = patient_split(m, keep_official=False)
-    check_patient_leakage(fresh)
     k = patient_kfold(m)
     assert (k.fold[m.split == 'test'] == -1).all() and k.fold[m.split == 'train'].between(0, 4).all()
+    m.loc[m.index[m.patient_id == 'p1'][:1], 'split'] = 'test'  # the published split leaks patient p1
+    with pytest.raises(DataError, match=r"synthetic: the dataset's own split puts 1 patient\(s\) in more than one part \(p1 in \['test', 'train'\]\)"):
+        patient_split(m, seed=0)
+    with pytest.raises(DataError, match=r'p1 in .*official_split: false'): ensure_split(m, load_config('demo'))
+    check_patient_leakage(patient_split(m, keep_official=False))
 
 def test_split_roundtrip_and_mismatch(tmp_path, mias_sample):
     m = load_mias(mias_sample)
@@ -282,7 +317,7 @@ def test_load_dataset_registry(mias_sample, tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------- download
 import hashlib, io, tarfile
-from breast_cancer.data import download, checksums_file, MIAS_URL
+from breast_cancer.fetch import download, checksums_file, MIAS_URL
 from breast_cancer.io import safe_extract, verify_checksums, read_checksums
 
 def _tar(path, members):
@@ -356,7 +391,7 @@ def test_download_registered_prints_instructions(name, capsys, tmp_path):
 def test_shipped_checksums(repo_root):
     sums = read_checksums(checksums_file('mias'))
     assert len(sums) == 322 and sums['mdb322.pgm'] == read_checksums(repo_root / 'data/checksums/mias.sha256')['mdb322.pgm']
-    assert MIAS_URL == 'http://peipa.essex.ac.uk/pix/mias/all-mias.tar.gz'
+    assert MIAS_URL.startswith('http') and MIAS_URL.endswith('/all-mias.tar.gz')   # no public host name in the tests
 
 def test_real_pgms_verify(repo_root, shared_data):
     sums = read_checksums(repo_root / 'data/checksums/mias.sha256')
@@ -394,3 +429,47 @@ def test_load_mias_accepts_the_parent_of_an_unpacked_folder(tmp_path):
     make_mias_tree(tmp_path / 'download' / 'all-mias')
     m = load_mias(tmp_path / 'download')
     assert len(m) == 6 and '/all-mias/' in m.image_path[0]
+
+
+# ---------------------------------------------------------------- hostile input (issue 25)
+def test_one_file_with_two_labels_is_refused(tmp_path, small_set):
+    "The same image listed twice (under two ids) with two labels: refused, naming the file and both labels."
+    f = small_set.image_path[0]
+    pd.DataFrame(dict(image_id=['a', 'b'], image_path=[f, f], label=['benign', 'malignant'], patient_id=['p', 'p'])).to_csv(tmp_path / 'twice.csv', index=False)
+    with pytest.raises(DataError, match=rf"{f}: one image file with two labels, 'benign' \(a\), 'malignant' \(b\)"):
+        load_csv(tmp_path / 'twice.csv')
+
+def test_unknown_or_empty_label_is_named(tmp_path, small_set):
+    f = small_set.image_path[0]
+    pd.DataFrame(dict(image_path=[f, f], label=['cancerous', 'normal'], patient_id=['p', 'q'], image_id=['a', 'b'])).to_csv(tmp_path / 'u.csv', index=False)
+    with pytest.raises(DataError, match=r"u.csv: unknown label value\(s\) \['cancerous'\]; known: normal, benign, malignant, and the spellings norm"):
+        load_csv(tmp_path / 'u.csv')
+    pd.DataFrame(dict(image_path=[f, f], label=['benign', None], patient_id=['p', 'q'], image_id=['a', 'b'])).to_csv(tmp_path / 'e.csv', index=False)
+    with pytest.raises(DataError, match=r'e.csv: the label is empty in 1 row\(s\), e.g. data row 2'): load_csv(tmp_path / 'e.csv')
+
+def test_dataset_root_symlink_loops_and_filesystem_root(tmp_path):
+    "A root of / is refused at once (no scan of every disk); symbolic links that loop are walked once."
+    for name in ('idc', 'breakhis', 'folder', 'cmmd'):
+        with pytest.raises(DataError, match=f"{name}: root '/' is the file-system root"): load_dataset(name, '/')
+    from breast_cancer.histo import load_idc
+    from breast_cancer.fixtures import make_idc_tree
+    root = make_idc_tree(tmp_path / 'idc')
+    n = len(load_idc(root))
+    first = next(p for p in root.iterdir() if p.is_dir())
+    os.symlink('..', first / 'up'); os.symlink(root, first / 'again')
+    assert len(load_idc(root)) == n
+
+def test_save_split_writes_formula_like_ids_safely(tmp_path, mias_sample):
+    m = load_mias(mias_sample).head(20)
+    s = patient_split(m, seed=0).assign(image_id=lambda d: ['=cmd|x'] + list(d.image_id[1:]))
+    f = save_split(s, tmp_path / 'split.csv')
+    assert "'=cmd|x" in f.read_text() and load_split(s, f).split.tolist() == s.split.tolist()
+
+def test_prepare_verify_checks_shape_and_channels(small_set, tmp_path):
+    "A cache file of the right longer side but the wrong channels or aspect passes the quick check; --verify rebuilds it."
+    from breast_cancer.cache import cache_file_problem
+    a = cache_images(small_set, size=20, cache_root=tmp_path / 'c', workers=1, progress=False)
+    np.save(a.cache_path[0], np.zeros((15, 20, 3), np.float32)); np.save(a.cache_path[1], np.zeros((20, 20), np.float32))
+    assert cache_file_problem(a.cache_path[0], 20) is None   # the longer side is right
+    cache_images(small_set, size=20, cache_root=tmp_path / 'c', workers=1, progress=False, verify=True)
+    assert [load_cached(p).shape for p in a.cache_path[:2]] == [(15, 20), (15, 20)]

@@ -108,7 +108,8 @@ def test_figures_on_real_images(mias_predictions):
     from sklearn.calibration import calibration_curve
     p = mias_predictions; y, s = p.true_label != 'normal', p.p_abnormal
     wrong = p[p.pred_label != p.true_label]
-    fig = ev.plot_misclassified(p, n=4)
+    from breast_cancer.explain import plot_misclassified        # the gallery lives with the explanations
+    fig = plot_misclassified(p, n=4)
     shown = [ax for ax in fig.axes if ax.images]
     assert len(shown) == 4 and f'4 of {len(wrong)} ({len(p)} images)' in fig._suptitle.get_text()
     for ax in shown:                                             # each panel is a misclassified image
@@ -202,6 +203,7 @@ def test_moved_names_import_from_their_old_modules():
             assert getattr(ev, name) is getattr(mod, name) and name in ev.__all__, name
     assert cascade.choose_threshold is bm.choose_threshold and 'choose_threshold' in cascade.__all__
     assert ev.grad_cam is explain.grad_cam                                   # later modules: lazily, through core.moved_names
+    assert ev.plot_misclassified is explain.plot_misclassified
     with pytest.raises(AttributeError, match="no attribute 'nope'"): ev.nope
 
 
@@ -227,3 +229,38 @@ def test_model_card_escapes_values_from_data(tmp_path, mias_predictions):
     leak = audit.SplitAudit(pd.DataFrame(), pd.DataFrame(), pd.DataFrame({'image_a': [evil], 'split_a': ['train'], 'image_b': ['b'],
                             'split_b': ['test'], 'distance': [3], 'same_patient': [False]}), n_images=2)
     assert '<svg' not in leak._repr_markdown_() and '&lt;svg onload=alert(1)&gt;' in leak._repr_markdown_()
+
+
+def test_audit_reports_a_fifo_instead_of_reading_it(tmp_path, mias_sample):
+    """A FIFO (or a folder) given as an image path is named in a DataError and never opened: reading one would wait forever.
+    Run in a child process with a time limit, so that a regression fails instead of hanging the suite."""
+    import os, subprocess, sys
+    os.mkfifo(fifo := tmp_path / 'film.pgm')
+    code = f"""
+from breast_cancer.audit import audit_split, _file_digest
+from breast_cancer.core import DataError
+from breast_cancer.data import load_mias, patient_split
+m = patient_split(load_mias({str(mias_sample)!r}).head(12), test_size=0.3, val_size=0.2, seed=0)
+m.loc[3, 'image_path'] = {str(fifo)!r}
+print('digest', _file_digest({str(fifo)!r}), _file_digest({str(tmp_path)!r}))
+try: audit_split(m)
+except DataError as e: print('refused:', e)
+"""
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120)
+    assert 'digest None None' in out.stdout, out.stdout + out.stderr
+    assert f"{fifo} is a FIFO (named pipe)" in out.stdout and 'nothing was read' in out.stdout, out.stdout + out.stderr
+
+
+def test_repeated_prediction_rows_are_refused(tmp_path, mias_predictions):
+    "A predictions file with a row twice would count that image twice: evaluation refuses it, naming the file and the id."
+    run = tmp_path / 'run'; run.mkdir()
+    p = pd.concat([mias_predictions, mias_predictions.iloc[[5]]], ignore_index=True)
+    p.to_csv(run / 'predictions.csv', index=False)
+    with pytest.raises(DataError, match=rf"predictions file {run}/predictions.csv: 1 repeated row\(s\) of image_id \['{mias_predictions.image_id[5]}'\]"):
+        ev.evaluate_run(run, n_boot=20)
+    with pytest.raises(DataError, match='predictions table: 1 repeated row'): ev.cascade_metrics(p, n_boot=20)
+
+
+def test_broken_predictions_file_is_named(tmp_path):
+    (bad := tmp_path / 'predictions.csv').write_bytes(b'\xff\xfe\x00\x01"unclosed,\n')
+    with pytest.raises(DataError, match=f'predictions file {bad} cannot be read'): ev.validate_predictions(bad)

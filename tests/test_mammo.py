@@ -89,6 +89,12 @@ def test_cbis_official_split_overlap_is_reported(trees):
         df = load_cbis_ddsm(trees['csv'])
     fresh = data.patient_split(df, seed=3, keep_official=False, stratify=None)
     data.check_patient_leakage(fresh)
+    with pytest.raises(DataError, match=r"cbis_ddsm: the dataset's own split puts 1 patient\(s\) in more than one part"):
+        data.patient_split(df, seed=3, stratify=None)   # kept as published, it would leak: training refuses it
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        dropped = data.load_dataset('cbis_ddsm', trees['csv'], official_split=False)
+    data.check_patient_leakage(data.patient_split(dropped, seed=3, stratify=None))
 
 
 def test_cbis_csv_dir_elsewhere(trees, tmp_path):

@@ -228,3 +228,160 @@ def test_comparative_study_quick(env):
     m = json.loads(Path(res.metrics[0]).read_text())
     assert set(m['backbones']) == {'resnet50', 'vgg16'}
     assert 'compare_auc' in m
+
+
+# ------------------------------------------------------------------ issue 25: hostile input, locks, kernel environment
+def _tiny_notebook(path: Path, *cells: str) -> Path:
+    "A template: a parameters cell, then `cells`."
+    import nbformat
+    from nbformat.v4 import new_code_cell, new_notebook
+    params = new_code_cell("dataset = 'mias'\nconfig = None\noutput_dir = '.'\nreport_dir = '.'\nquick = False\nrun_name = 'x'\ndata_root = None",
+                           metadata={'tags': ['parameters']})
+    nbformat.write(new_notebook(cells=[params, *map(new_code_cell, cells)],
+                                metadata={'kernelspec': {'name': 'python3', 'display_name': 'Python 3', 'language': 'python'}}), path)
+    return path
+
+
+TF_NOISE = ('absl::InitializeLog', 'I0000', 'oneDNN', 'cpu_feature_guard', 'cuInit')
+
+
+def test_report_kernel_starts_without_tensorflow_noise(tmp_path, monkeypatch):
+    """The kernel's environment turns TensorFlow's C++ log off before anything imports TensorFlow: a template whose first
+    cell imports it, run from a parent with no TF_CPP_MIN_LOG_LEVEL, renders none of its start-up lines."""
+    monkeypatch.delenv('TF_CPP_MIN_LOG_LEVEL', raising=False)
+    nb = _tiny_notebook(tmp_path / 'tf.ipynb', "import tensorflow as tf\nprint('sum', float(tf.constant(1.0) + 1))")
+    page = Path(execute_notebook(nb, tmp_path / 'out' / 'tf', {}, progress=False)['html']).read_text()
+    assert 'sum 2.0' in page
+    assert not [s for s in TF_NOISE if s in page], [s for s in TF_NOISE if s in page]
+
+
+def _lock_holder(folder: Path):
+    "A process that holds the reports folder's lock (as a running batch does) until its stdin closes."
+    import subprocess, sys
+    code = ("import sys\nfrom breast_cancer.core import folder_lock\n"
+            f"with folder_lock({str(folder)!r}, 'reports folder'):\n    print('held', flush=True); sys.stdin.read()")
+    p = subprocess.Popen([sys.executable, '-c', code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == 'held'
+    return p
+
+
+def test_refused_batch_writes_no_config(tmp_path):
+    "Batch B (with --set overrides) is refused while batch A holds the folder, and A's config files stay as they were."
+    from breast_cancer.core import LockedError
+    out = tmp_path / 'reports'
+    a_cfg = out / 'configs' / 'batch-a' / 'default.yaml'; a_cfg.parent.mkdir(parents=True)
+    a_cfg.write_text('seed: 1\n')                                    # what batch A's reports are reading
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file() and p.name != '.lock'}
+    holder = _lock_holder(out)
+    try:
+        with pytest.raises(LockedError, match='in use'):
+            run_reports('mias', out_dir=out, overrides=['seed=777'], template=_write_demo_template(tmp_path / 'demo.ipynb'),
+                        progress=False)
+    finally:
+        holder.stdin.close(); holder.wait(timeout=30)
+    after = {p: p.read_bytes() for p in out.rglob('*') if p.is_file() and p.name != '.lock'}
+    assert after == before, sorted(set(after) ^ set(before))
+
+
+def test_overrides_go_to_the_batch_own_config(tmp_path):
+    "With the lock free, the overridden config is written into configs/<batch>/ and the report reads that file."
+    out = tmp_path / 'reports'
+    res = run_reports('mias', out_dir=out, overrides=['seed=777'], template=_write_demo_template(tmp_path / 'demo.ipynb'),
+                      run_name='demo', progress=False, index=False)
+    assert res.status[0] == 'ok', res.error[0]
+    cfg = Path(res.config[0])
+    assert cfg.parent.parent == out / 'configs' and cfg.name == 'default.yaml' and 'seed: 777' in cfg.read_text()
+    assert json.loads(Path(res.metrics[0]).read_text())['config'] == str(cfg)
+
+
+def test_unwritable_reports_folder_is_named(tmp_path):
+    from breast_cancer.core import ConfigError
+    blocker = tmp_path / 'file'; blocker.write_text('x')
+    with pytest.raises(ConfigError, match=f'reports folder {blocker}/reports cannot be created'):
+        run_reports('mias', out_dir=blocker / 'reports', template=_write_demo_template(tmp_path / 'demo.ipynb'), progress=False)
+
+
+HOSTILE = ['<svg onload=alert(1)>', '<img src=x>', 'a|b', '`tick`', '=cmd', '[x](javascript:alert(1))', '__init__', '![p](http://x.test/p.png)']
+
+
+@pytest.fixture(scope='module')
+def hostile_run(env, mias_sample):
+    """A quick cascade run on a CSV dataset: 50 women of the bundled mini-MIAS split by patient, plus near-duplicate copies
+    of 8 abnormal films saved under hostile image ids (each its own patient) in another split than their original."""
+    from PIL import Image
+    from breast_cancer.cascade import run_from_config
+    from breast_cancer.config import load_config
+    from breast_cancer.data import load_mias, patient_split
+    from breast_cancer.io import read_image
+    m = load_mias(mias_sample)
+    m = patient_split(m[m.patient_id.isin(m.patient_id.unique()[:50])], test_size=0.3, val_size=0.2, seed=0)
+    rows = m[['image_id', 'image_path', 'patient_id', 'label', 'split']].to_dict('records')
+    rng = np.random.default_rng(0); d = env / 'hostile-data'; d.mkdir()
+    for k, (bad, src) in enumerate(zip(HOSTILE, m[m.label != 'normal'].head(len(HOSTILE)).itertuples())):
+        a = np.clip(read_image(src.image_path) + rng.normal(0, .01, (256, 256)), 0, 1)
+        Image.fromarray((a * 255).astype(np.uint8)).save(p := d / f'copy{k}.png')
+        rows.append(dict(image_id=bad, image_path=str(p), patient_id=f'copy-{k}', label=src.label,
+                         split='test' if src.split == 'train' else 'train'))
+    pd.DataFrame(rows).to_csv(csv := d / 'images.csv', index=False)
+    cfg = load_config({'name': 'hostile', 'task': 'cascade', 'datasets': [{'name': 'csv', 'root': str(csv), 'options': {}}]})
+    return run_from_config(cfg, run_dir=env / 'runs' / 'hostile', quick=True)
+
+
+@pytest.fixture(scope='module')
+def hostile_report(env, hostile_run):
+    out = env / 'hostile-reports'
+    res = run_reports('mias', out_dir=out, quick=True, run_name='hostile', progress=False,
+                      parameters={'run_dir': str(hostile_run), 'learn': False})
+    return out, res
+
+
+def test_hostile_ids_render_as_text(hostile_report):
+    "Ids from data reach the page as text: no live element, no link, no external image, and the report still renders."
+    out, res = hostile_report
+    assert res.status[0] == 'ok', res.error[0]
+    page = Path(res.html[0]).read_text()
+    m = json.loads(Path(res.metrics[0]).read_text())
+    assert m['audit']['near_duplicates'] >= len(HOSTILE), m['audit']    # every hostile id went through the audit table
+    import html
+    assert not [bad for bad in HOSTILE if html.escape(bad, quote=False) not in page]   # ... and is shown as it is
+    for live in ('<svg onload', '<img src=x>', 'href="javascript', 'src="http://x.test'):
+        assert live not in page, live
+    assert external_images(page) == []
+    assert not [s for s in TF_NOISE if s in page]                        # a full report: no TensorFlow log
+
+
+def test_report_refreshes_and_links_the_model_card(hostile_report, hostile_run):
+    "The batch leaves MODEL_CARD.md in the run folder, and the page links it by a path relative to the report's folder."
+    from breast_cancer.rundir import RunDir
+    out, res = hostile_report
+    card = RunDir(hostile_run).model_card_file
+    assert card.exists() and '## Quantitative analyses' in card.read_text()
+    page = Path(res.html[0]).read_text()
+    links = re.findall(r'href="([^"]*MODEL_CARD\.md)"', page)
+    assert links and not os.path.isabs(links[0]), links
+    from urllib.parse import unquote
+    assert (Path(res.html[0]).parent / unquote(links[0])).resolve() == card.resolve()
+
+
+def test_corrupt_predictions_are_named(tmp_path):
+    "A report on a run whose predictions.csv is cut short fails with the file's name in its error, not a KeyError of a cell."
+    from breast_cancer.config import load_config
+    from breast_cancer.rundir import RunDir
+    run = RunDir(tmp_path / 'broken-run'); run.path.mkdir(); run.write_config(load_config('demo'))
+    pred = run.predictions_file('test'); pred.write_text('dataset,image_id,image_pa\n')        # truncated while written
+    res = run_reports('mias', out_dir=tmp_path / 'reports', quick=True, run_name='broken', progress=False, index=False,
+                      parameters={'run_dir': str(run.path), 'learn': False})
+    assert res.status[0] == 'failed' and f'predictions file {pred}' in res.error[0], res.error[0]
+
+
+def test_demo_report_says_whether_the_preset_learns(env):
+    """`make reports` (config demo): the page boxes the demo and quotes the recorded learning curve of the preset, backbone and
+    stand-in CNN, with its number of test images and patients; the batch leaves the run's MODEL_CARD.md, linked (issue 25)."""
+    out = env / 'demo-reports'
+    res = run_reports('mias', configs='demo', out_dir=out, quick=True, progress=False, index=False)
+    assert list(res.status) == ['ok'], res[['status', 'error']].to_string()
+    page = Path(res.html[0]).read_text()
+    assert 'Demo run, not a result' in page and 'Can this preset learn?' in page
+    assert "resnet50 (this run's model)" in page and 'stand-in' in page and 'test images of' in page
+    assert 'so its figures below stay near chance' in page
+    assert re.search(r'href="[^"]*MODEL_CARD\.md"', page)

@@ -48,7 +48,7 @@ def test_index_sets_published_numbers_and_sample_size_beside_ours(tmp_path):
     for s in ('98.7%', '98.41%', '98.56%',                      # cascade paper, Table 1, MIAS, as printed (not reproduced)
               '6 / 12',                                         # patients / images behind our figure
               'too few to estimate (6 patients &lt; 30, 4 positive &lt; 10, 8 negative &lt; 10)',   # Markdown cells are HTML-escaped
-              '100.0% (degenerate interval: too few cases)',    # not shown as a plain CI
+              r'100.0% (degenerate interval\: too few cases)',   # not shown as a plain CI (Markdown: the colon escaped)
               'All published results', 'VGG-16', 'ResNet-18 ImageNet transfer', '94.67%', '83.28%',   # every source's numbers
               'patient-level split', 'no leak found'):
         assert s in md, s
