@@ -16,8 +16,8 @@ from .histo import IDC_PATCH_SIZE, load_breakhis, parse_breakhis_names
 
 # %% auto #0
 __all__ = ['CBIS_FIXTURE_ROWS', 'DDSM_FIXTURE_CASES', 'CMMD_FIXTURE_ROWS', 'make_mias_tree', 'make_mias_archive',
-           'fake_mammogram', 'lesion_disk', 'make_cbis_fixture', 'make_ddsm_fixture', 'make_cmmd_fixture',
-           'make_breakhis_tree', 'make_idc_tree']
+           'fake_mammogram', 'lesion_disk', 'cbis_extra_rows', 'make_cbis_fixture', 'make_ddsm_fixture',
+           'make_cmmd_fixture', 'make_breakhis_tree', 'make_idc_tree']
 
 # %% ../nbs/fixtures.ipynb #22e25c1d
 def make_mias_tree(root, size: int = 64, ext: str = 'pgm', header: bool = True) -> Path:
@@ -110,20 +110,20 @@ def _cbis_csv_paths(row) -> tuple:
     return top, full_uid, roi_uid, (full_csv, crop_csv, mask_csv)
 
 # %% ../nbs/fixtures.ipynb #579742ae
-def _cbis_fixture_images(row):
+def _cbis_fixture_images(row, rows=CBIS_FIXTURE_ROWS):
     kind, split, pid, side, view, aid, *_, (r, c, rad) = row
-    blobs = [o[-1] for o in CBIS_FIXTURE_ROWS if o[:5] == row[:5]]   # every abnormality of this image
+    blobs = [o[-1] for o in rows if o[:5] == row[:5]]   # every abnormality of this image
     full = fake_mammogram((64, 48), side[0], blobs, seed=int(_uid(pid, view)[-6:]))
     r0, c0 = min(max(r - 8, 0), 48), min(max(c - 8, 0), 32)
     return full, full[r0:r0 + 16, c0:c0 + 16], lesion_disk((64, 48), r, c, rad).astype(np.uint16) * 4095
 
 # %% ../nbs/fixtures.ipynb #034dc61c
-def _cbis_fixture_csvs(csv_dir: Path, paths: dict) -> None:
+def _cbis_fixture_csvs(csv_dir: Path, paths: dict, fixture_rows=CBIS_FIXTURE_ROWS) -> None:
     "Write the four case-description CSVs with the real column names and dirty path cells."
     csv_dir.mkdir(parents=True, exist_ok=True)
     for (kind, split), name in CBIS_CSV_NAMES.items():
         rows = []
-        for row in CBIS_FIXTURE_ROWS:
+        for row in fixture_rows:
             if (row[0], row[1]) != (kind, split): continue
             _, _, pid, side, view, aid, path_, assess, subtle, _ = row
             full, crop, mask = paths[row]
@@ -143,20 +143,33 @@ def _cbis_tcia_file(root: Path, patient: str, study: str, series: str, k: int, d
     series_dir = f'1.000000-{shared or desc}-{(series if shared else _uid(series, k))[-5:]}'
     return root/'CBIS-DDSM'/patient/f'0{7 + min(k, 1)}-2{min(k, 1)}-2016-DDSM-NA-{study[-5:]}'/series_dir/(f'1-{k}.dcm' if shared else '1-1.dcm')
 
+# %% ../nbs/fixtures.ipynb #555d4558
+def cbis_extra_rows(n: int, # how many women
+                   ) -> tuple:
+    "`n` plain fixture women in the `CBIS_FIXTURE_ROWS` format: one mass each, seen in CC and MLO; benign and malignant alternate, every fifth woman in the test split."
+    rows = []
+    for k in range(n):
+        pid, side, path_ = f'P_{10000 + k:05d}', ('LEFT', 'RIGHT')[k % 2], ('BENIGN', 'MALIGNANT')[(k // 2) % 2]
+        r, c = 18 + (k * 7) % 28, (10 if side == 'LEFT' else 36) + (k % 3) - 1
+        rows += [('mass', 'test' if k % 5 == 4 else 'train', pid, side, view, 1, path_, 4, 3, (r + dr, c, 4 + k % 3))
+                 for view, dr in (('CC', 0), ('MLO', 3))]
+    return tuple(rows)
+
 # %% ../nbs/fixtures.ipynb #a7ad1380
 def make_cbis_fixture(root, # folder to create the fixture in
                       layout: str = 'csv', # 'csv' (paths as in the CSVs), 'tcia' (download tree) or 'jpeg' (Kaggle export)
+                      extra_women: int = 0, # plain women added (one mass, both views each), enough to train on
                      ) -> Path:
-    "Write a tiny CBIS-DDSM tree in one of its three real layouts (8 abnormalities, 7 images, 4 women); returns root."
+    "Write a tiny CBIS-DDSM tree in one of its three real layouts (8 abnormalities, 7 images, 4 women, + `extra_women`); returns root."
     from PIL import Image
     check_choice(layout, ('csv', 'tcia', 'jpeg'), 'layout')
     root = Path(root); root.mkdir(parents=True, exist_ok=True)
-    paths, info = {}, []
-    for row in CBIS_FIXTURE_ROWS:
+    paths, info, rows = {}, [], CBIS_FIXTURE_ROWS + cbis_extra_rows(extra_women)
+    for row in rows:
         kind, split, pid, side, view, aid = row[:6]
         top, full_uid, roi_uid, paths[row] = _cbis_csv_paths(row)
         full_csv, crop_csv, mask_csv = paths[row]
-        full, crop, mask = _cbis_fixture_images(row)
+        full, crop, mask = _cbis_fixture_images(row, rows)
         describe = (pid, view, aid) != _CBIS_NO_DESCRIPTION
         items = [(full, full_csv, full_uid, 'full mammogram images', top), (crop, crop_csv, roi_uid, 'cropped images', f'{top}_{aid}'),
                  (mask, mask_csv, roi_uid, 'ROI mask images', f'{top}_{aid}')]
@@ -178,7 +191,7 @@ def make_cbis_fixture(root, # folder to create the fixture in
                                  PatientID=patient, SeriesDescription=tags.get('SeriesDescription', ''),
                                  SeriesInstanceUID=series, StudyInstanceUID=study))
     if layout == 'jpeg': (root/'csv').mkdir(exist_ok=True); pd.DataFrame(info).to_csv(root/'csv'/'dicom_info.csv', index=False)
-    _cbis_fixture_csvs(root/'csv' if layout == 'jpeg' else root, paths)
+    _cbis_fixture_csvs(root/'csv' if layout == 'jpeg' else root, paths, rows)
     return root
 
 # %% ../nbs/fixtures.ipynb #ca828e67
