@@ -154,7 +154,8 @@ def _train(args):
 # %% ../nbs/08_cli.ipynb #edff091d
 def _train_logs(run_dir) -> str:
     "Where a run's TensorBoard logs are, and the command that shows them."
-    logs = run_dir/'tensorboard'
+    from breast_cancer.rundir import RunDir
+    logs = RunDir(run_dir).tensorboard_dir()
     return f'TensorBoard logs: {logs}\n  view them: tensorboard --logdir {logs}' if logs.exists() else 'no TensorBoard logs (tracking: none)'
 
 # %% ../nbs/08_cli.ipynb #b2994f42

@@ -42,6 +42,20 @@ def strategy_kind(config: Config, # a resolved Config (load_config)
     if workers > 1: return 'multi_worker'
     return 'mirrored' if len(tf.config.list_physical_devices('GPU')) > 1 else 'none'
 
+# %% ../nbs/04a_distribute.ipynb #09564a02
+def _check_own_port():
+    "`ConfigError` naming the port when this worker's address in TF_CONFIG is already taken on this machine."
+    import errno, socket
+    tfc = _tf_config(); task = tfc.get('task', {})
+    try: port = int(tfc['cluster'][task.get('type', 'worker')][int(task.get('index', 0))].rsplit(':', 1)[1])
+    except (KeyError, IndexError, ValueError, TypeError): return   # no address of our own to check
+    with socket.socket() as s:
+        try: s.bind(('', port))
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE: return
+            raise ConfigError(f"worker {task.get('index', 0)}: port {port} (from TF_CONFIG) is already in use on this machine: stop the "
+                              "process that holds it, or start the job again (`--workers` picks free ports)") from None
+
 # %% ../nbs/04a_distribute.ipynb #7a48f441
 def distribute_strategy(config: Config, # a resolved Config (load_config)
                        ):
@@ -53,6 +67,7 @@ def distribute_strategy(config: Config, # a resolved Config (load_config)
             if _cluster_size() < 1:
                 raise ConfigError("distribute.strategy 'multi_worker' reads the cluster from TF_CONFIG, which is not set: start the "
                                   "workers with `breast-cancer train --config X --workers N`, or set TF_CONFIG on each machine")
+            _check_own_port()
             _STRATEGIES[kind] = tf.distribute.MultiWorkerMirroredStrategy()
         elif kind == 'mirrored':
             devices = tf.config.list_logical_devices('GPU') or tf.config.list_logical_devices('CPU')
@@ -232,7 +247,7 @@ def fit_distributed(model, # compiled in the strategy's scope (its optimizer and
                                        verbose=1 if verbose == 'auto' else verbose, epochs=epochs, steps=steps_per_epoch)
     model.stop_training = False
     cbs.on_train_begin()
-    initial = max(initial_epoch, int(getattr(model, '_initial_epoch', None) or 0)); model._initial_epoch = None  # set by BackupAndRestore
+    initial = max(initial_epoch, int(getattr(model, '_initial_epoch', None) or 0)); model._initial_epoch = None  # set by train.EpochBackup
     state = _state(model)
     synced = _from_chief(s, [initial] + [v.numpy() for v in state])  # the chief resumed from its backup: everyone does
     initial = int(synced[0])
@@ -263,7 +278,8 @@ def fit_function(model, # the stage's compiled model
                  steps: int, # global steps per epoch (what fit_distributed runs)
                 ):
     "`model.fit`, or `fit_distributed` with the stage's `steps` when the config trains on several workers."
-    if strategy_kind(need_config(config, 'fit_function')) != 'multi_worker': return model.fit
+    if strategy_kind(need_config(config, 'fit_function')) != 'multi_worker':   # the pipeline shuffles by (seed, epoch): Keras must not
+        return lambda *a, **kw: model.fit(*a, shuffle=False, **kw)          # (and would warn that it cannot, on a tf.data input)
     return lambda x, steps_per_epoch=None, **kw: fit_distributed(model, x, steps_per_epoch=steps, **kw)
 
 # %% ../nbs/04a_distribute.ipynb #bdf8d078
@@ -307,20 +323,47 @@ def _stop(procs, grace: float = 10.0):
         try: p.wait(max(0.1, deadline - time.time()))
         except subprocess.TimeoutExpired: p.kill(); p.wait()
 
+# %% ../nbs/04a_distribute.ipynb #57924628
+def _die_with_parent(parent: int):
+    "In a worker before it runs (`preexec_fn`): on Linux, get SIGTERM when the launcher dies; a no-op elsewhere."
+    import ctypes, signal, sys
+    if not sys.platform.startswith('linux'): return
+    try: ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))   # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError): return
+    if os.getppid() != parent: os.kill(os.getpid(), signal.SIGTERM)        # the launcher died before prctl ran
+
+# %% ../nbs/04a_distribute.ipynb #6764bf23
+_ROOT_PREFIX = 'breast-cancer-workers-'
+
+def _remove_stale_roots(tmp_dir=None) -> list[Path]:
+    "Remove the temporary roots of launchers that no longer run (named `breast-cancer-workers-<pid>-...`)."
+    import shutil, tempfile
+    gone = []
+    for root in Path(tmp_dir or tempfile.gettempdir()).glob(_ROOT_PREFIX + '*'):
+        pid = root.name[len(_ROOT_PREFIX):].split('-')[0]
+        if not pid.isdigit() or int(pid) == os.getpid(): continue
+        try: os.kill(int(pid), 0); continue                                  # its launcher still runs
+        except ProcessLookupError: pass
+        except PermissionError: continue                                    # another user's process
+        shutil.rmtree(root, ignore_errors=True); gone.append(root)
+    return gone
+
 # %% ../nbs/04a_distribute.ipynb #237d2d4d
 def launch_workers(command: list[str], # the worker program and its arguments (every worker runs the same)
                    n: int, # number of local workers
                   ) -> int:
     "Run `command` as n local workers with a generated TF_CONFIG each; returns 0, or the first failing worker's code."
     import shutil, signal, sys, tempfile, threading
+    from functools import partial
     if n < 1: raise ConfigError(f'--workers must be at least 1, got {n}')
-    tmp = Path(tempfile.mkdtemp(prefix='breast-cancer-workers-'))
+    _remove_stale_roots()   # left by launchers that were killed
+    tmp = Path(tempfile.mkdtemp(prefix=f'{_ROOT_PREFIX}{os.getpid()}-'))
     procs, echoes, main = [], [], threading.current_thread() is threading.main_thread()
     if main: old = signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))  # killed: still stop the workers, remove tmp
     try:
         for i, tf_config in enumerate(worker_tf_configs(n)):
             p = subprocess.Popen(command, env=_worker_env(i, n, tf_config, tmp), stdout=subprocess.PIPE,
-                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
+                                 stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=partial(_die_with_parent, os.getpid()))
             print(f'[launcher] worker {i}: pid {p.pid}', flush=True)
             procs.append(p); echoes.append(threading.Thread(target=_echo, args=(p, f'[worker {i}] '), daemon=True)); echoes[-1].start()
         while True:

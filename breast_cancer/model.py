@@ -596,7 +596,7 @@ def fine_tune(model: keras.Model, # a model from `build_model`
     phases = fine_tune_phases(head_epochs, head_epochs + finetune_epochs, unfreeze_blocks, lr_head, lr_finetune)
     return fit_phases(model, phases,
                       lambda m, lr, _: compile_model(m, lr, optimizer, metrics=metrics, strategy=strategy),
-                      lambda m, _, first, last: m.fit(train_ds, validation_data=val_ds, initial_epoch=first, epochs=last,
+                      lambda m, _, first, last: m.fit(train_ds, validation_data=val_ds, initial_epoch=first, epochs=last, shuffle=False,
                                                       callbacks=callbacks, verbose=verbose, **fit_kwargs),
                       train_bn=train_bn)
 

@@ -4,15 +4,16 @@
 
 # %% ../nbs/00b_rundir.ipynb #80984a56
 from __future__ import annotations
-import json
+import json, os, shutil
 from pathlib import Path
 import pandas as pd
 from fastcore.basics import patch
-from .core import DataError, atomic_path, atomic_write_text, folder_lock, runs_dir, check_name
+from .core import (DataError, TrainingError, atomic_path, atomic_write_text, atomic_write_csv, read_csv_safe,
+                                folder_lock, runs_dir, check_name)
 from .config import Config, load_config
 
 # %% auto #0
-__all__ = ['STAGES', 'PREDICTION_FILES', 'StageDir', 'ModelDir', 'RunDir']
+__all__ = ['STAGES', 'PHASES', 'PREDICTION_FILES', 'StageDir', 'ModelDir', 'RunDir']
 
 # %% ../nbs/00b_rundir.ipynb #defdc44c
 STAGES = ('stage1', 'stage2')  # stage 1: normal vs abnormal; stage 2: benign vs malignant
@@ -40,8 +41,75 @@ class StageDir:
 # %% ../nbs/00b_rundir.ipynb #0c05ecdf
 @patch
 def backup(self: StageDir, phase: str|None = None) -> Path:
-    "The `BackupAndRestore` folder of one training phase (None: the single-phase run)."
+    "The backup folder (`train.EpochBackup`) of one training phase (None: the single-phase run)."
     return self.path/('backup' if phase is None else f'backup_{phase}')
+
+# %% ../nbs/00b_rundir.ipynb #20cdedcc
+PHASES = (None, 'head', 'finetune')  # the training phases that keep a backup folder (model.fine_tune_phases)
+
+# %% ../nbs/00b_rundir.ipynb #4ab5c00f
+@patch
+def save_backup(self: StageDir, model, # a Keras model (its weights and optimizer state are saved)
+                phase: str|None, # the training phase (None: a single-phase run)
+                epoch: int, # epochs completed: a resumed run starts at this epoch
+               ) -> Path:
+    "Back up a model after `epoch` epochs: a new weights file, then the record naming it (atomic), then the old file goes."
+    folder = self.backup(phase); folder.mkdir(parents=True, exist_ok=True)
+    weights, tmp = folder/f'epoch{epoch}.weights.h5', folder/f'.epoch{epoch}.{os.getpid()}.tmp.weights.h5'
+    try: model.save_weights(tmp); os.replace(tmp, weights)
+    finally: tmp.unlink(missing_ok=True)
+    atomic_write_text(folder/'training_metadata.json', json.dumps({'epoch': int(epoch), 'weights': weights.name}))
+    for old in folder.glob('*.weights.h5*'):
+        if old != weights: old.unlink(missing_ok=True)
+    return weights
+
+# %% ../nbs/00b_rundir.ipynb #041642d1
+@patch
+def backup_state(self: StageDir, phase: str|None = None) -> dict|None:
+    "The last complete backup of a phase, `{'epoch': epochs done, 'weights': its file}`, or None when there is none."
+    meta = self.backup(phase)/'training_metadata.json'
+    if not meta.exists(): return None
+    d = _read_json(meta)
+    weights = self.backup(phase)/str(d.get('weights', 'latest.weights.h5'))   # the name Keras's BackupAndRestore used
+    if not isinstance(d.get('epoch'), int) or d['epoch'] < 1 or not weights.is_file():
+        raise DataError(f'{meta}: not a complete backup (epoch {d.get("epoch")!r}, weights {weights.name}): delete the folder '
+                        f'{meta.parent} to train this phase again from its start')
+    return {'epoch': d['epoch'], 'weights': weights}
+
+# %% ../nbs/00b_rundir.ipynb #e575da83
+@patch
+def clear_backup(self: StageDir, phase: str|None = None):
+    "Remove a phase's backup (its training finished)."
+    shutil.rmtree(self.backup(phase), ignore_errors=True)
+
+# %% ../nbs/00b_rundir.ipynb #0f24f1f5
+@patch
+def trim_history(self: StageDir, start: int, # the epoch training resumes at: its row and later ones are dropped
+                 first: int = 0, # the first epoch of the phase: rows first..start-1 must all be there
+                ) -> list[int]:
+    "Make `history.csv` end just before epoch `start`; `TrainingError` naming the file when an epoch is missing."
+    import csv, io
+    path = self.history_csv
+    rows = list(csv.reader(io.StringIO(path.read_text()))) if path.exists() else []
+    head, body = (rows[0], rows[1:]) if rows else ([], [])
+    at = head.index('epoch') if 'epoch' in head else None
+    keep = [r for r in body if at is not None and len(r) == len(head) and r[at].isdigit() and int(r[at]) < start]
+    epochs = [int(r[at]) for r in keep]
+    if missing := sorted(set(range(first, start)) - set(epochs)):
+        raise TrainingError(f'{path} has no row for epoch(s) {missing}, yet the backup resumes at epoch {start}: the log and the '
+                            f'backup disagree (a run interrupted under an older version?). Delete {self.path} to train the stage again')
+    if len(keep) != len(body):
+        text = io.StringIO(); csv.writer(text, lineterminator='\n').writerows([head] + keep)
+        atomic_write_text(path, text.getvalue())
+    return epochs
+
+# %% ../nbs/00b_rundir.ipynb #4d8cec22
+@patch
+def remove_temporaries(self: StageDir) -> list[Path]:
+    "Delete the temporary files and folders a killed writer left here; call it holding the run folder's lock."
+    stale = [p for p in self.path.rglob('.*.tmp*')] if self.path.exists() else []
+    for p in stale: shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
 
 # %% ../nbs/00b_rundir.ipynb #f63f4906
 @patch
@@ -120,6 +188,18 @@ def fold(self: RunDir, k: int) -> RunDir:
     "The run folder of cross-validation fold `k`: `cv/fold<k>`."
     return RunDir(self.path/'cv'/f'fold{int(k)}')
 
+# %% ../nbs/00b_rundir.ipynb #046368a7
+@patch
+def tensorboard_dir(self: RunDir, stage: str|None = None) -> Path:
+    "Where training writes the TensorBoard logs of one stage (`None`: the folder of all stages, for `tensorboard --logdir`)."
+    return self.path/'tensorboard' if stage is None else self.path/'tensorboard'/_check_stage(stage)
+
+# %% ../nbs/00b_rundir.ipynb #c4c2ecfd
+@patch
+def interrupted(self: RunDir) -> bool:
+    "Whether a stage of the run stopped mid-training: one of its backup folders holds files (a rerun resumes it)."
+    return any(any(self.stage(s).backup(p).glob('*')) for s in STAGES for p in PHASES)
+
 # %% ../nbs/00b_rundir.ipynb #17fa502a
 @patch
 def write_config(self: RunDir, config: Config) -> Path:
@@ -158,12 +238,11 @@ _ID_DTYPES = {'image_id': str, 'patient_id': str}
 
 def _read_table(path: Path, what: str) -> pd.DataFrame:
     if not path.exists(): raise DataError(f'{path}: no {what} in this run folder')
-    try: return pd.read_csv(path, dtype=_ID_DTYPES)
+    try: return read_csv_safe(path, dtype=_ID_DTYPES)
     except (ValueError, OSError, UnicodeDecodeError) as e: raise DataError(f'{path}: cannot read the {what} ({type(e).__name__}: {e})') from None
 
 def _write_table(df: pd.DataFrame, path: Path) -> Path:
-    with atomic_path(path) as tmp: df.to_csv(tmp, index=False)
-    return path
+    return atomic_write_csv(df, path, index=False)   # formula-like cells (= + - @) are prefixed with '
 
 # %% ../nbs/00b_rundir.ipynb #2c51b81d
 @patch
@@ -205,15 +284,14 @@ def write_predictions(self: RunDir, predictions: pd.DataFrame, which: str = 'tes
 @patch
 def write_summary(self: RunDir, summary: pd.DataFrame) -> Path:
     "Store the point-metrics summary of the test predictions as `summary.csv`."
-    with atomic_path(self.summary_file) as tmp: summary.to_csv(tmp)
-    return self.summary_file
+    return atomic_write_csv(summary, self.summary_file)
 
 # %% ../nbs/00b_rundir.ipynb #92e65635
 @patch
 def read_summary(self: RunDir) -> pd.DataFrame:
     "`summary.csv`, indexed by evaluation."
     if not self.summary_file.exists(): raise DataError(f'{self.summary_file}: no summary in this run folder (run_from_config writes it)')
-    return pd.read_csv(self.summary_file, index_col=0)
+    return read_csv_safe(self.summary_file, index_col=0)
 
 # %% ../nbs/00b_rundir.ipynb #c1948bdf
 @patch

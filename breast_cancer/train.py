@@ -23,12 +23,12 @@ from .distribute import (  # re-exported: they lived here before the distribute 
 __all__ = ['TARGETS', 'load_manifest', 'wavelet_preprocessor', 'image_transform', 'cache_manifest', 'roi_boxes', 'augment_batch',
            'class_weights', 'oversample_indices', 'target_rows', 'make_dataset', 'package_versions', 'git_commit',
            'hardware_info', 'manifest_hash', 'run_metadata', 'init_run_dir', 'save_model_atomic',
-           'AtomicModelCheckpoint', 'clr_schedule', 'compile_for_config', 'LearningRateLogger', 'InputImagesLogger',
-           'MLflowLogger', 'tracking_callbacks', 'stage_datasets', 'history_from_csv', 'ensure_split', 'train',
-           'read_tensorboard', 'stage_done', 'SCHEMA', 'Config', 'load_config', 'strategy_kind', 'distribute_strategy',
-           'distribute_scope', 'split_cpu', 'global_batch_size', 'lr_factor', 'distribute_info', 'is_chief',
-           'worker_run_dir', 'from_chief', 'sync_from_chief', 'weights_checksum', 'fit_distributed', 'fit_function',
-           'free_ports', 'worker_tf_configs', 'launch_workers', 'worker_command']
+           'AtomicModelCheckpoint', 'EpochBackup', 'clr_schedule', 'compile_for_config', 'LearningRateLogger',
+           'InputImagesLogger', 'MLflowLogger', 'tracking_callbacks', 'stage_datasets', 'history_from_csv',
+           'ensure_split', 'train', 'read_tensorboard', 'stage_done', 'SCHEMA', 'Config', 'load_config',
+           'strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu', 'global_batch_size', 'lr_factor',
+           'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief', 'sync_from_chief', 'weights_checksum',
+           'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs', 'launch_workers', 'worker_command']
 
 # %% ../nbs/04_train.ipynb #03677417
 _log = get_logger('train')
@@ -37,7 +37,7 @@ _all_ = ['SCHEMA', 'Config', 'load_config', 'strategy_kind', 'distribute_strateg
          'sync_from_chief', 'weights_checksum', 'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs',
          'launch_workers', 'worker_command']  # the names imported above, re-exported
 # the benchmarks moved to `bench`, later in the chain: looked up there on first use
-__getattr__ = moved_names('breast_cancer.train', {'learnability': 'bench', 'FROM_SCRATCH': 'bench',
+__getattr__ = moved_names('breast_cancer.train', {'learnability': 'bench',
                                              'synthetic_task': 'bench', 'add_lesion': 'bench',
                                              'bench_pipeline': 'bench', 'bench_distribute': 'bench'})
 
@@ -349,13 +349,6 @@ def _split_columns(manifest: pd.DataFrame) -> list[str]:
     "The manifest columns a run stores in its split: ids, label, split and fold, and what breast level and subgroups read."
     return [k for k in ('dataset', 'image_id', 'patient_id', 'label', 'split', 'fold', *_SPLIT_EXTRA) if k in manifest]
 
-# %% ../nbs/04_train.ipynb #6834bc33
-_PHASES = (None, 'head', 'finetune')  # the training phases that keep a backup folder (model.fine_tune_phases)
-
-def _interrupted(rd: RunDir) -> bool:
-    "Whether a stage of the run stopped mid-training: one of its backup folders holds files (a rerun resumes it)."
-    return any(any(rd.stage(s).backup(p).glob('*')) for s in STAGES for p in _PHASES)
-
 # %% ../nbs/04_train.ipynb #409847a9
 def init_run_dir(config: Config, # a resolved Config (load_config)
                  manifest: pd.DataFrame|None = None, # the manifest of the run, with its `split` column when it has one
@@ -365,7 +358,7 @@ def init_run_dir(config: Config, # a resolved Config (load_config)
     c = need_config(config, 'init_run_dir')
     rd = RunDir(run_dir if run_dir is not None else path_inside(runs_dir(), c.name))
     with rd.lock():
-        if rd.exists() and _interrupted(rd) and rd.read_config() != c:
+        if rd.exists() and rd.interrupted() and rd.read_config() != c:
             raise ConfigError(f'{rd.path} holds an interrupted run of a different config (its backup would be resumed): '
                               'give this run another name or run_dir, or delete that folder')
         rd.write_config(c)
@@ -396,6 +389,21 @@ class AtomicModelCheckpoint(keras.callbacks.Callback):
         if self.best is None or (v < self.best if self.mode == 'min' else v > self.best):
             self.best = float(v); save_model_atomic(self.model, self.filepath)
             atomic_write_text(self.state_path, json.dumps({'monitor': self.monitor, 'best': self.best, 'epoch': epoch + 1}))
+
+# %% ../nbs/04_train.ipynb #110f2b17
+class EpochBackup(keras.callbacks.Callback):
+    "Back up weights and optimizer at each epoch's end (put it last among the callbacks); restore them when a run resumes."
+    def __init__(self, stage_dir, phase: str|None = None):
+        super().__init__(); self.stage_dir, self.phase = StageDir(getattr(stage_dir, 'path', stage_dir)), phase
+    def on_train_begin(self, logs=None):
+        state = self.stage_dir.backup_state(self.phase)
+        if state is not None:
+            opt = getattr(self.model, 'optimizer', None)
+            if opt is not None and not opt.built: opt.build(self.model.trainable_variables)
+            self.model.load_weights(state['weights'])
+        self.model._initial_epoch = None if state is None else state['epoch']   # where model.fit (and fit_distributed) start
+    def on_epoch_end(self, epoch, logs=None): self.stage_dir.save_backup(self.model, self.phase, epoch + 1)
+    def on_train_end(self, logs=None): self.stage_dir.clear_backup(self.phase)
 
 # %% ../nbs/04_train.ipynb #20ca6ab9
 def clr_schedule(config: Config, # a resolved Config (load_config)
@@ -498,7 +506,7 @@ def tracking_callbacks(config: Config, # a resolved Config (load_config); `track
     "The tracking callbacks a config asks for: TensorBoard (scalars, per-step LR, input images), plus MLflow when asked."
     c = need_config(config, 'tracking_callbacks')
     if c.tracking == 'none': return []
-    logs = Path(run_dir)/'tensorboard'/stage
+    logs = RunDir(run_dir).tensorboard_dir(stage)
     cbs = [keras.callbacks.TensorBoard(str(logs), histogram_freq=0, write_graph=False, update_freq='epoch', profile_batch=0),
            LearningRateLogger(logs/'train')]
     if train_ds is not None: cbs.append(InputImagesLogger(logs/'train', train_ds))
@@ -547,7 +555,8 @@ def ensure_split(manifest: pd.DataFrame, # a manifest, with or without a `split`
                  config: Config, # a resolved Config (load_config): data.test_size, data.val_size, seed
                 ) -> pd.DataFrame:
     "The manifest with a patient-level `split` column (train/val/test), made with `data.patient_split` when missing."
-    if 'split' in manifest and manifest['split'].notna().all() and set(manifest['split']) >= {'train', 'val'}: return manifest
+    if 'split' in manifest and manifest['split'].notna().all() and set(manifest['split']) >= {'train', 'val'}:
+        return bc_data.check_patient_leakage(manifest)   # a dataset's own split too: no woman on both sides
     c = need_config(config, 'ensure_split')
     return bc_data.patient_split(manifest, test_size=c.data.test_size, val_size=c.data.val_size, seed=c.seed)
 
@@ -580,23 +589,32 @@ def _phases(c: Config, sd: StageDir) -> tuple[list, bool]:
     ft = c.train.fine_tune
     phases = ([(None, None, None, 0, c.train.epochs)] if ft is None else
               bc_model.fine_tune_phases(ft.head_epochs, c.train.epochs, ft.unfreeze_blocks, None, None))
-    started = [i for i, p in enumerate(phases) if sd.backup(p[0]).exists() and any(sd.backup(p[0]).iterdir())]
+    started = [i for i, p in enumerate(phases) if sd.backup_state(p[0]) is not None]
     return (phases[started[-1]:], True) if started else (phases, False)   # a phase with a backup was running: earlier ones are done
+
+# %% ../nbs/04_train.ipynb #cb0e1c89
+def _check_stage_rows(manifest: pd.DataFrame, stage: str, target: str) -> dict:
+    "The negative/positive counts of a stage's training rows; `DataError` for one class only or no validation rows."
+    _, y = target_rows(manifest[manifest['split'] == 'train'], target)
+    val, _ = target_rows(manifest[manifest['split'] == 'val'], target)
+    if len(val) == 0: raise DataError(f"no validation rows for {stage} ({target}): set data.val_size > 0 or give the manifest 'val' rows")
+    counts = {f'not {target}': int((y == 0).sum()), target: int((y == 1).sum())}
+    if min(counts.values()) == 0:
+        raise DataError(f"{stage} ({target}) cannot train: its 'train' split holds one class only "
+                        f"({', '.join(f'{k}: {v}' for k, v in counts.items())}); check the labels and the split")
+    return counts
 
 # %% ../nbs/04_train.ipynb #000c221c
 def _train_locked(model, manifest, c: Config, rd: RunDir, stage, target, callbacks, verbose):
     "`train` inside the run folder's lock."
     import tensorflow as tf
-    target = target or ('malignant' if stage == 'stage2' else 'abnormal')
-    sd = rd.stage(stage)
-    manifest = ensure_split(manifest, c)
+    sd = rd.stage(stage); sd.remove_temporaries()   # a killed writer's leftovers: this process owns the folder now
     if 'cache_path' not in manifest: manifest = cache_manifest(manifest, c)
     if not rd.exists(): init_run_dir(c, manifest, rd.path)
     sd.best_model.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(c.seed, deterministic=c.train.deterministic)
     train_rows, y_train = target_rows(manifest[manifest['split'] == 'train'], target)
     val_rows, _ = target_rows(manifest[manifest['split'] == 'val'], target)
-    if len(val_rows) == 0: raise DataError(f"no validation rows for {stage} ({target}): set data.val_size > 0 or give the manifest 'val' rows")
     n_train = len(oversample_indices(y_train)) if c.train.class_imbalance == 'oversample' else len(train_rows)
     steps = c.train.steps_per_epoch or math.ceil(n_train / global_batch_size(c))
     watch = _EpochWatch(tf.Variable(0, dtype=tf.int64, trainable=False))
@@ -616,14 +634,15 @@ def _train_locked(model, manifest, c: Config, rd: RunDir, stage, target, callbac
                                  c.train.bn_refresh_batches, steps) if c.train.bn_refresh_batches and bn_trains else None)
     def fit(m, name, first, last):
         if watch.bad is not None: return None   # a non-finite loss stopped an earlier phase: reported below
+        state = sd.backup_state(name)
+        if state is not None or first > 0: sd.trim_history(state['epoch'] if state else first, first)  # no hole, no rerun epoch
         cbs = [watch] + ([refresh] if refresh is not None else [])
-        cbs += [keras.callbacks.BackupAndRestore(str(sd.backup(name)), double_checkpoint=True), best,
-                keras.callbacks.CSVLogger(str(sd.history_csv), append=resuming or first > 0)] + tracking
+        cbs += [best, keras.callbacks.CSVLogger(str(sd.history_csv), append=state is not None or first > 0)] + tracking
         if c.train.early_stopping.enabled:
             cbs.append(keras.callbacks.EarlyStopping(monitor=c.train.early_stopping.monitor, patience=c.train.early_stopping.patience))
+        cbs += list(callbacks or []) + [EpochBackup(sd, name)]   # last: the epoch's rows and checkpoint are on disk before it
         return fit_function(m, c, steps)(train_ds, validation_data=val_ds, initial_epoch=first, epochs=last, steps_per_epoch=c.train.steps_per_epoch,
-                     validation_steps=c.train.validation_steps, class_weight=weights, callbacks=cbs + list(callbacks or []),
-                     verbose=verbose)
+                     validation_steps=c.train.validation_steps, class_weight=weights, callbacks=cbs, verbose=verbose)
     histories = bc_model.fit_phases(model, phases, lambda m, _, name: compile_for_config(m, c, steps, phase=name), fit,
                                     train_bn=c.model.weights is None)
     history = list(histories.values())[-1]
@@ -657,6 +676,8 @@ def train(model, # a Keras model with a one-unit sigmoid output (e.g. from model
          ):
     "Train one stage with `model.fit`: CLR, atomic best checkpoint, resume, CSV/JSON history; returns the History."
     c = need_config(config, 'train')
+    target = target or ('malignant' if stage == 'stage2' else 'abnormal')
+    manifest = ensure_split(manifest, c); _check_stage_rows(manifest, stage, target)   # before any TensorFlow work
     rd = RunDir(_run_folder(run_dir, c))
     with rd.lock():  # one writer per run folder, for the whole stage
         return _train_locked(model, manifest, c, rd, stage, target, callbacks, verbose)

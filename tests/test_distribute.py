@@ -98,7 +98,7 @@ if __name__ == '__main__':  # a cache fill with several processes re-imports thi
     c = T.load_config(sys.argv[1])
     m = T.cache_manifest(T.load_manifest(c), c, progress=False)
     with D.distribute_scope(c): net = model.small_cnn((c.data.image_size, c.data.image_size, c.data.channels))
-    h = T.train(net, m, c, run_dir=sys.argv[2], verbose=0)
+    h = T.train(net, m, c, run_dir=sys.argv[2], stage='stage2', verbose=0)   # task binary: benign vs malignant, the stage-2 target
     print(json.dumps({'replicas': len(net.trainable_variables[0].value.values), 'steps': int(net.optimizer.iterations.numpy()),
                       'loss': h.history['loss'], 'strategy': type(net.distribute_strategy).__name__}))
 '''
@@ -116,3 +116,48 @@ def test_mirrored_on_two_logical_cpus_trains_the_demo_config(isolated_dirs, tmp_
     assert res['steps'] == 3 and np.isfinite(res['loss']).all()
     md = json.loads((tmp_path/'run'/'metadata.json').read_text())['distribute']
     assert (md['replicas'], md['batch_size_per_replica'], md['global_batch_size']) == (2, 4, 8)
+
+
+# ---------------------------------------------------------------- issue 25: clean-up after a killed launcher, a bound port
+def _alive(pid: int) -> bool:
+    "Whether a process runs (a zombie waiting for its reaper does not)."
+    try: return Path(f'/proc/{pid}/stat').read_text().rsplit(')', 1)[-1].split()[0] != 'Z'
+    except (FileNotFoundError, ProcessLookupError): return False
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='PR_SET_PDEATHSIG is Linux only')
+def test_workers_die_with_a_killed_launcher_and_its_root_goes_next_time(tmp_path, monkeypatch):
+    "kill -9 the launcher: its workers get SIGTERM (PR_SET_PDEATHSIG); the next launcher removes the root it left."
+    import signal, tempfile, time
+    code = ('import sys; from breast_cancer.distribute import launch_workers; '
+            'sys.exit(launch_workers([sys.executable, "-c", "import time; time.sleep(300)"], 2))')
+    p = subprocess.Popen([sys.executable, '-c', code], stdout=subprocess.PIPE, text=True, env={**os.environ, 'TMPDIR': str(tmp_path)})
+    pids = [int(p.stdout.readline().split()[-1]) for _ in range(2)]            # "[launcher] worker i: pid N"
+    try:
+        assert len(list(tmp_path.glob('breast-cancer-workers-*'))) == 1
+        p.kill(); p.wait()
+        deadline = time.time() + 20
+        while any(map(_alive, pids)) and time.time() < deadline: time.sleep(0.2)
+        assert not any(map(_alive, pids)), 'the workers outlived their launcher'
+        assert len(list(tmp_path.glob('breast-cancer-workers-*'))) == 1         # kill -9: no chance to clean up
+        monkeypatch.setattr(tempfile, 'tempdir', str(tmp_path))
+        assert D.launch_workers([sys.executable, '-c', 'pass'], 1) == 0
+        assert not list(tmp_path.glob('breast-cancer-workers-*'))                # the stale root went, and the new one
+    finally:
+        for pid in pids:
+            if _alive(pid): os.kill(pid, signal.SIGKILL)
+
+
+def test_a_bound_worker_port_is_an_error_naming_the_port():
+    "A worker whose TF_CONFIG port is taken stops with a ConfigError naming the port, not a gRPC traceback from TensorFlow."
+    import socket
+    with socket.socket() as busy:
+        busy.bind(('127.0.0.1', 0)); busy.listen(); port = busy.getsockname()[1]
+        tf_config = {'cluster': {'worker': [f'127.0.0.1:{port}', '127.0.0.1:1']}, 'task': {'type': 'worker', 'index': 0}}
+        code = ("from breast_cancer import distribute as D; from breast_cancer.config import load_config\n"
+                "from breast_cancer.core import BreastCancerError\n"
+                "try: D.distribute_strategy(load_config({'distribute': {'strategy': 'multi_worker'}}))\n"
+                "except BreastCancerError as e: print('ERROR', type(e).__name__, e)")
+        try: p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=120,
+                                env={**os.environ, 'TF_CONFIG': json.dumps(tf_config)})
+        except subprocess.TimeoutExpired: pytest.fail('the worker hung on the bound port')
+    assert f'ERROR ConfigError worker 0: port {port} (from TF_CONFIG) is already in use on this machine' in p.stdout, p.stdout + p.stderr[-2000:]

@@ -1,6 +1,6 @@
 """breast_cancer.model: CLR == TFA's formula (also inside SGD), saving every head × named schedule, weights offline and
 from a file, freezing/BN during fine-tuning, lr_find leaves the model untouched, MirroredStrategy on 2 logical CPUs."""
-import json, os, subprocess, sys, textwrap, time
+import json, os, re, subprocess, sys, textwrap, time
 from pathlib import Path
 import numpy as np
 import pytest
@@ -164,8 +164,7 @@ def test_imagenet_offline_error_names_file_url_and_folder(tmp_path, monkeypatch)
     msg = str(e.value)
     assert f'127.0.0.1:{port} did not answer' in msg
     assert 'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5' in msg
-    assert ('https://storage.googleapis.com/tensorflow/keras-applications/resnet/'
-            'resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5') in msg
+    assert re.search(r'https://\S+/resnet50_weights_tf_dim_ordering_tf_kernels_notop\.h5', msg)   # Keras's own URL (no host name here)
     assert str(tmp_path / 'keras' / 'models') in msg and 'weights=' in msg
 
 

@@ -172,11 +172,69 @@ def test_resume_continues_from_the_saved_epoch(manifest, tmp_path):
     assert log['epoch'].tolist() == [0, 1] and not (tmp_path/'stage1'/'model.keras').exists()
     seen = Epochs()
     T.train(tiny_model(seed=1), manifest, c, run_dir=tmp_path, verbose=0, callbacks=[seen])  # a fresh process would do this
-    assert seen.seen == [2, 3]                                # continued at epoch 2, not from scratch
+    assert seen.seen == [1, 2, 3]          # killed before epoch 1's backup (the last callback): epoch 1 runs again, not from scratch
     log = pd.read_csv(tmp_path/'stage1'/'history.csv')
-    assert log['epoch'].tolist() == [0, 1, 2, 3]              # the CSV log was appended to, header once
+    assert log['epoch'].tolist() == [0, 1, 2, 3]              # the CSV log was cut back and appended to, header once
     assert json.loads((tmp_path/'stage1'/'history.json').read_text())['epoch'] == [0, 1, 2, 3]
     assert (tmp_path/'stage1'/'model.keras').exists() and not any((tmp_path/'stage1'/'backup').glob('*'))
+
+
+class EpochEndProbe(keras.callbacks.Callback):
+    "At each epoch's end (after train's own callbacks, before the backup): what is on disk; raise at epoch `stop`."
+    def __init__(self, stage_dir, stop=None): super().__init__(); self.sd, self.stop, self.seen = stage_dir, stop, []
+    def on_epoch_end(self, epoch, logs=None):
+        state = self.sd.backup_state()
+        self.seen.append((epoch, None if state is None else state['epoch'], pd.read_csv(self.sd.history_csv)['epoch'].tolist(),
+                          json.loads(self.sd.best_meta.read_text())['best'] <= logs['val_loss']))
+        if epoch == self.stop: raise KeyboardInterrupt(f'killed at the end of epoch {epoch}, before its backup')
+
+
+def test_backup_comes_last_and_a_resume_equals_an_uninterrupted_run(manifest, tmp_path):
+    "Issue 25, bad 1: the backup of an epoch is written after its history row and best check; a run killed in between resumes equal."
+    c = T.load_config({**TINY, 'train': {**TINY['train'], 'epochs': 3}, 'tracking': 'none'})
+    whole = EpochEndProbe(T.RunDir(tmp_path/'whole').stage('stage1'))
+    T.train(tiny_model(seed=0), manifest, c, run_dir=tmp_path/'whole', verbose=0, callbacks=[whole])
+    # when any other callback sees epoch e end, the row of e and the best check are on disk, and the backup still says e
+    assert [(e, b, rows) for e, b, rows, _ in whole.seen] == [(0, None, [0]), (1, 1, [0, 1]), (2, 2, [0, 1, 2])]
+    assert all(best_checked for *_, best_checked in whole.seen)
+    sd = T.RunDir(tmp_path/'killed').stage('stage1')
+    with pytest.raises(KeyboardInterrupt):
+        T.train(tiny_model(seed=0), manifest, c, run_dir=sd.path.parent, verbose=0, callbacks=[EpochEndProbe(sd, stop=0)])
+    assert sd.backup_state() is None and pd.read_csv(sd.history_csv)['epoch'].tolist() == [0]   # row written, backup not
+    T.train(tiny_model(seed=0), manifest, c, run_dir=sd.path.parent, verbose=0)
+    pd.testing.assert_frame_equal(pd.read_csv(sd.history_csv), pd.read_csv(tmp_path/'whole'/'stage1'/'history.csv'))
+    for a, b in zip(keras.saving.load_model(sd.model).get_weights(),
+                    keras.saving.load_model(tmp_path/'whole'/'stage1'/'model.keras').get_weights()): np.testing.assert_array_equal(a, b)
+
+
+def test_a_history_with_a_hole_is_refused_on_resume(manifest, tmp_path):
+    "A backup past an epoch that has no row in history.csv (written by an older version) is a clear error, not a silent hole."
+    c = T.load_config({**TINY, 'train': {**TINY['train'], 'epochs': 3}, 'tracking': 'none'})
+    with pytest.raises(KeyboardInterrupt):
+        T.train(tiny_model(seed=0), manifest, c, run_dir=tmp_path, verbose=0, callbacks=[StopAfter(1)])
+    sd = T.RunDir(tmp_path).stage('stage1')
+    assert sd.backup_state()['epoch'] == 1
+    sd.history_csv.write_text(sd.history_csv.read_text().splitlines()[0] + '\n')      # the row of epoch 0 lost
+    with pytest.raises(T.TrainingError, match=r"history.csv has no row for epoch\(s\) \[0\], yet the backup resumes at epoch 1"):
+        T.train(tiny_model(seed=0), manifest, c, run_dir=tmp_path, verbose=0)
+
+
+def test_stale_temporary_checkpoints_are_removed_at_the_next_start(manifest, tmp_path):
+    "A worker killed while saving leaves `.best.<pid>.tmp.keras`; the next train on the folder (holding its lock) removes it."
+    c = T.load_config({**TINY, 'tracking': 'none'})
+    stale = tmp_path/'stage1'/'checkpoints'/'.best.99999.tmp.keras'
+    stale.parent.mkdir(parents=True); stale.write_bytes(b'half a zip')
+    T.train(tiny_model(seed=0), manifest, c, run_dir=tmp_path, verbose=0)
+    assert not stale.exists() and not list(tmp_path.rglob('.*.tmp*'))
+
+
+def test_a_stage_with_one_class_is_refused_before_training(manifest, tmp_path):
+    "Issue 25: training rows of one class are refused, naming the stage, the split and the counts, before any run folder is made."
+    one = manifest.assign(abnormal=np.where(manifest['split'] == 'train', True, manifest['abnormal']))
+    with pytest.raises(DataError, match=r"stage1 \(abnormal\) cannot train: its 'train' split holds one class only "
+                                        r"\(not abnormal: 0, abnormal: 37\)"):
+        T.train(tiny_model(), one, T.load_config(TINY), run_dir=tmp_path/'run', verbose=0)
+    assert not (tmp_path/'run').exists()
 
 
 def test_deterministic_for_a_seed(manifest, tmp_path):
@@ -268,8 +326,81 @@ def test_class_weights_reach_the_loss(manifest, tmp_path):
     x = np.concatenate([np.asarray(b) for b in T.make_dataset(rows, c, labels=False)])
     p = np.clip(keras.ops.convert_to_numpy(model(x)).reshape(-1).astype('float64'), 1e-7, 1 - 1e-7)
     losses = -(y * np.log(p) + (1 - y) * np.log(1 - p))
-    w = np.vectorize(T.class_weights(y).get)(y.astype(int))
-    assert len(rows) <= 64 and not np.isclose(w.min(), w.max())      # one batch; imbalanced classes
+    assert (len(y), int(y.sum())) == (37, 14)                        # the fixture's training rows: 23 normal, 14 abnormal
+    assert T.class_weights(y) == pytest.approx({0: 37 / 46, 1: 37 / 28})   # balanced, n / (2 n_class): the minority weighs more
+    w = np.where(y == 1, 37 / 28, 37 / 46)                            # known values, not class_weights' own output
     h = T.train(model, manifest, c, run_dir=tmp_path / 'run', verbose=0)
     assert h.history['loss'][0] == pytest.approx((w * losses).sum() / len(y), rel=1e-4)
     assert abs((w * losses).sum() / len(y) - losses.mean()) > 1e-3
+
+
+# ---------------------------------------------------------------- issue 25, bad 1: kill -9 at an epoch boundary, then resume
+# A run in a fresh process (run_from_config with the stand-in CNN), killed by SIGKILL at one chosen write into its stage
+# folder: an audit hook counts every file opened for writing and every rename there. KILL_AFTER=<name> kills at the first
+# write after the first one touching <name> (the issue's recipe: kill -9 once the backup's training_metadata.json appears).
+KILLED = '''
+import os, signal, sys
+RUN, AT, AFTER, n, armed = os.path.abspath(sys.argv[2]) + os.sep, int(os.environ.get('KILL_AT') or 0), os.environ.get('KILL_AFTER'), [0], [False]
+def hook(event, args):
+    if event == 'open':
+        path, mode, flags = (list(args) + [None, None])[:3]
+        if not (isinstance(mode, str) and any(m in mode for m in 'wax+')) and not (mode is None and isinstance(flags, int) and flags & (os.O_WRONLY | os.O_RDWR)): return
+        paths = [path]
+    elif event == 'os.rename': paths = list(args[:2])
+    else: return
+    paths = [os.path.abspath(os.fsdecode(p)) for p in paths if isinstance(p, (str, bytes, os.PathLike))]
+    if not any(p.startswith(RUN + 'stage') for p in paths): return
+    n[0] += 1
+    if (AT and n[0] == AT) or armed[0]: os.kill(os.getpid(), signal.SIGKILL)
+    if AFTER and any(p.endswith(AFTER) for p in paths): armed[0] = True
+if __name__ == '__main__':   # a cache fill with several processes re-imports this script in each of them
+    sys.addaudithook(hook)
+    from breast_cancer import cascade, model
+    build = lambda c: model.small_cnn((c.data.image_size, c.data.image_size, c.data.channels))
+    cascade.run_from_config(sys.argv[1], run_dir=sys.argv[2], build=build, verbose=0)
+    print('WRITES', n[0], flush=True)
+'''
+
+KILL_CONFIG = {'name': 'killed', 'task': 'binary', 'wavelet': None, 'model': {'weights': None}, 'tracking': 'none', 'seed': 3,
+               'data': {'image_size': 32, 'val_size': 0.25, 'test_size': 0.25, 'max_images': 60},
+               'train': {'epochs': 3, 'batch_size': 8, 'steps_per_epoch': 2, 'validation_steps': 2}}
+
+def run_killable(tmp, run_dir, **env):
+    import subprocess, sys
+    p = subprocess.run([sys.executable, str(tmp/'killed.py'), str(tmp/'killed.yaml'), str(run_dir)], capture_output=True,
+                       text=True, timeout=600, env={**os.environ, **{k: str(v) for k, v in env.items()}})
+    return p.returncode, p.stdout + p.stderr
+
+@pytest.fixture(scope='module')
+def uninterrupted(cache_env, mias_sample, tmp_path_factory):
+    "The script, its config (cached in this process), and one uninterrupted run of it."
+    tmp = tmp_path_factory.mktemp('killed')
+    (tmp/'killed.py').write_text(KILLED)
+    c = T.load_config(KILL_CONFIG); (tmp/'killed.yaml').write_text(c.to_yaml())
+    T.cache_manifest(T.load_manifest(c), c, progress=False)
+    rc, out = run_killable(tmp, tmp/'whole')
+    assert rc == 0, out[-3000:]
+    return tmp, T.RunDir(tmp/'whole'), int(out.split('WRITES')[-1].split()[0])
+
+def killed_then_resumed(uninterrupted, name, **kill):
+    tmp, whole, _ = uninterrupted
+    rc, out = run_killable(tmp, tmp/name, **kill)
+    assert rc == -9, (rc, out[-3000:])                                         # it was killed
+    rc, out = run_killable(tmp, tmp/name)
+    assert rc == 0, out[-3000:]
+    got = T.RunDir(tmp/name)
+    pd.testing.assert_frame_equal(pd.read_csv(got.stage('stage2').history_csv), pd.read_csv(whole.stage('stage2').history_csv))
+    a, b = got.read_predictions(), whole.read_predictions()
+    pd.testing.assert_frame_equal(a, b)                                         # the same predictions, to the last digit
+    assert got.read_metadata().get('threshold2') == whole.read_metadata().get('threshold2')
+
+def test_kill_9_once_the_backup_appears_then_resume_equals_uninterrupted(uninterrupted):
+    "The issue's recipe: SIGKILL at the first write after the backup's training_metadata.json; the rerun equals an uninterrupted run."
+    killed_then_resumed(uninterrupted, 'after_backup', KILL_AFTER='training_metadata.json')
+
+@pytest.mark.slow
+@pytest.mark.parametrize('at', [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12])
+def test_kill_9_at_every_write_of_the_stage_then_resume_equals_uninterrupted(uninterrupted, at):
+    "SIGKILL at the at-th write into the stage folder (the first two epochs' ends and the phase start), then the same run again."
+    if at >= uninterrupted[2]: pytest.skip(f'the run writes {uninterrupted[2]} times into its stage folder')
+    killed_then_resumed(uninterrupted, f'at{at}', KILL_AT=at)
