@@ -212,7 +212,8 @@ def atomic_write_text(path, text: str) -> Path:
 # %% ../nbs/00_core.ipynb #f33d46f1
 _FORMULA_START = ('=', '+', '-', '@', '\t', '\r')
 
-def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
+def csv_safe(df, # a pandas DataFrame (pandas is imported on use: importing core stays light)
+            ):
     "A copy of `df` whose text cells starting with `= + - @` (or a tab or carriage return) get a leading `'`."
     import pandas as pd   # here, so that importing core stays light
     def cell(v): return "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v
@@ -223,13 +224,13 @@ def csv_safe(df: pd.DataFrame) -> pd.DataFrame:
     return out
 
 # %% ../nbs/00_core.ipynb #8267eaba
-def atomic_write_csv(df: pd.DataFrame, path, **kwargs) -> Path:
+def atomic_write_csv(df, path, **kwargs) -> Path:
     "Write `df` to `path` atomically, with formula-like text cells made safe (`csv_safe`); `kwargs` go to `to_csv`."
     with atomic_path(path) as tmp: csv_safe(df).to_csv(tmp, **kwargs)
     return Path(path)
 
 # %% ../nbs/00_core.ipynb #5c45da09
-def read_csv_safe(path, **kwargs) -> pd.DataFrame:
+def read_csv_safe(path, **kwargs):
     "Read a CSV written by `atomic_write_csv`, removing the `'` it put before formula-like text; `kwargs` go to `read_csv`."
     import pandas as pd
     df = pd.read_csv(path, **kwargs)
