@@ -31,21 +31,19 @@ def test_bad_override_fails_with_the_schema_message(repo_root):
     assert out.returncode == 2 and 'write it as key=value' in out.stderr
 
 
-def test_report_overrides_written_as_config_files(repo_root, tmp_path, monkeypatch):
-    "report --set: the resolved, overridden config is written under the reports folder and keeps its file name."
+def test_report_passes_overrides_to_the_batch(repo_root, tmp_path, monkeypatch):
+    "report --set: the overrides go to run_reports, which writes the configs under the batch's lock (issue 25, bad case 5)."
     import breast_cancer.report as R
     seen = {}
-    def fake_run_reports(datasets, configs=None, **kw):
+    def fake_run_reports(datasets, configs=None, overrides=None, **kw):
         import pandas as pd
-        seen['configs'] = configs
+        seen.update(configs=configs, overrides=overrides)
         return pd.DataFrame({'dataset': ['mias'], 'status': ['ok']})
     monkeypatch.setattr(R, 'run_reports', fake_run_reports)
     assert main(['report', '--datasets', 'mias', '--config', str(repo_root/'configs'/'demo.yaml'), '--out-dir', str(tmp_path),
                  '--set', 'train.epochs=3', '--set', 'data.image_size=32']) == 0
-    (cfg,) = seen['configs']
-    assert Path(cfg) == tmp_path/'configs'/'demo.yaml'
-    d = yaml.safe_load(Path(cfg).read_text())
-    assert (d['train']['epochs'], d['data']['image_size'], d['name']) == (3, 32, 'demo')
+    assert seen['overrides'] == ['train.epochs=3', 'data.image_size=32']
+    assert not (tmp_path/'configs').exists()   # nothing written before the batch holds its lock
 
 
 # ---------------------------------------------------------------- issue 25: hostile and careless input

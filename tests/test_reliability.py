@@ -244,7 +244,7 @@ def test_atomic_writes_get_the_mode_of_a_normal_write(manifest, tmp_path):
 
 # ---------------------------------------------------------------- 9. a resumed epoch gets its own data order
 class StopAfter(keras.callbacks.Callback):
-    "Simulate a kill right after epoch `n` (0-based) has been backed up."
+    "Simulate a kill at the end of epoch `n` (0-based), before its backup (which runs after every other callback): epoch n reruns."
     def __init__(self, n): super().__init__(); self.n = n
     def on_epoch_end(self, epoch, logs=None):
         if epoch == self.n: raise KeyboardInterrupt
@@ -256,15 +256,16 @@ class WeightSums(keras.callbacks.Callback):
 
 def _weights(run): return keras.saving.load_model(run/'stage1'/'model.keras', compile=False).get_weights()
 
-@pytest.mark.parametrize('steps, stop', [(2, 0), pytest.param(2, 1, marks=pytest.mark.slow),   # the slow cases run in make test-all:
-                                         pytest.param(None, 1, marks=pytest.mark.slow)])          # CI keeps one resume case under 25 minutes
+# stop >= 1: the resumed run starts from another network (net(5)), so its weights can only come from the backup of epoch
+# stop - 1. A kill before the first backup restarts the stage from its seed (tests/test_train.py's kill -9 tests).
+@pytest.mark.parametrize('steps, stop', [(2, 1), pytest.param(None, 1, marks=pytest.mark.slow)])   # slow: make test-all
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(manifest, tmp_path, steps, stop):
     c = tiny_config(**{'train.epochs': 3, 'train.steps_per_epoch': steps, 'train.validation_steps': 1})
     whole = WeightSums(); T.train(net(0), manifest, c, run_dir=tmp_path/'whole', verbose=0, callbacks=[whole])
     with pytest.raises(KeyboardInterrupt):
         T.train(net(0), manifest, c, run_dir=tmp_path/'cut', verbose=0, callbacks=[StopAfter(stop)])
     resumed = WeightSums(); T.train(net(5), manifest, c, run_dir=tmp_path/'cut', verbose=0, callbacks=[resumed])
-    assert sorted(resumed.sums) == list(range(stop + 1, 3))
+    assert sorted(resumed.sums) == list(range(stop, 3))   # the interrupted epoch runs again, from the previous backup
     assert all(resumed.sums[e] == whole.sums[e] for e in resumed.sums), (whole.sums, resumed.sums)
     for a, b in zip(_weights(tmp_path/'whole'), _weights(tmp_path/'cut')): np.testing.assert_array_equal(a, b)
     h1, h2 = (pd.read_csv(tmp_path/r/'stage1'/'history.csv') for r in ('whole', 'cut'))
