@@ -126,8 +126,8 @@ import sys, time
 from breast_cancer import cache, data
 class Slow:
     cache_key = 'slow-v1'
-    def __call__(self, a): time.sleep(0.3); return a
-m = data.load_mias(sys.argv[1]).head(40)  # 12 s uninterrupted: a loaded machine still interrupts it midway
+    def __call__(self, a): time.sleep(1.0); return a
+m = data.load_mias(sys.argv[1]).head(40)  # 40 s uninterrupted (20 s on 2 workers): a loaded CI machine still interrupts it midway
 print('start', flush=True)
 cache.cache_images(m, size=32, transform=Slow(), cache_root=sys.argv[2], workers=int(sys.argv[3]), progress=False)
 """
@@ -151,7 +151,8 @@ def test_ctrl_c_keeps_finished_files_and_resumes(tmp_path, mias_sample, workers)
     (tmp_path / 'fill.py').write_text(FILL)
     root = tmp_path / 'c'
     p = subprocess.Popen([sys.executable, str(tmp_path / 'fill.py'), str(mias_sample), str(root), str(workers)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))   # a background CI job inherits SIGINT ignored
     assert p.stdout.readline().strip() == 'start'
     deadline = time.time() + 60
     while len(list(root.rglob('*.npy'))) < 3 and time.time() < deadline: time.sleep(0.05)

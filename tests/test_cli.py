@@ -176,7 +176,9 @@ sys.exit(cli.main(['configs']))
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
 def test_signal_stops_with_128_plus_n_and_cleans_up(tmp_path, signum):
     "Poor: a signal ends the command with 128+n, a one-line message and no temporary file left behind."
-    p = subprocess.Popen([sys.executable, '-c', _SLOW_COMMAND, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # a job started in the background (nohup, CI) inherits SIGINT ignored: give the child a terminal's default, as a user has
+    p = subprocess.Popen([sys.executable, '-c', _SLOW_COMMAND, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert p.stdout.readline().strip() == 'ready'
         p.send_signal(signum)
