@@ -217,10 +217,11 @@ def csv_safe(df, # a pandas DataFrame (pandas is imported on use: importing core
     "A copy of `df` whose text cells starting with `= + - @` (or a tab or carriage return) get a leading `'`."
     import pandas as pd   # here, so that importing core stays light
     def cell(v): return "'" + v if isinstance(v, str) and v.startswith(_FORMULA_START) else v
+    text = lambda s: s.dtype == object or pd.api.types.is_string_dtype(s)   # object or pandas' str dtype
     out = df.copy()
     for col in out.columns:
-        if out[col].dtype == object or pd.api.types.is_string_dtype(out[col]): out[col] = out[col].map(cell)
-    if out.index.dtype == object: out.index = out.index.map(cell)
+        if text(out[col]): out[col] = out[col].map(cell)
+    if text(out.index): out.index = out.index.map(cell)
     return out
 
 # %% ../nbs/00_core.ipynb #8267eaba

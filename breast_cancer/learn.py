@@ -152,6 +152,12 @@ def _learn_one(name: str, c, task: pd.DataFrame, test_xy: tuple, eval_every: int
 # %% ../nbs/09a_learn.ipynb #795dc78a
 LEARN_RECORD = 'measured_learning.yaml'   # in the package: curves `bench learn --record` measured, quoted by demo reports
 
+def _learn_records(path=None) -> tuple[Path, dict]:
+    "The record file (default: the package's `LEARN_RECORD`) and its curves by preset name ({} when there is none)."
+    import yaml
+    path = Path(path) if path else package_dir()/LEARN_RECORD
+    return path, (yaml.safe_load(path.read_text(encoding='utf-8')) if path.is_file() else None) or {}
+
 def record_learn(curve: pd.DataFrame, # `bench_learn`'s table
                  preset: str, # the preset it trained, as given
                  meta: dict, # what a reader needs: task, image size, batch, test images and patients, command
@@ -159,8 +165,7 @@ def record_learn(curve: pd.DataFrame, # `bench_learn`'s table
                 ) -> Path:
     "Store the test AUC by step of each model under the preset's name, atomically; returns the record's path."
     import yaml
-    path = Path(path) if path else package_dir()/LEARN_RECORD
-    rec = (yaml.safe_load(path.read_text(encoding='utf-8')) if path.is_file() else None) or {}
+    path, rec = _learn_records(path)
     curves = {m: [[int(s), round(float(a), 3)] for s, a in zip(g['step'], g['test_auc'])]
               for m, g in curve[~curve['final'].astype(bool)].groupby('model', sort=False)}
     rec[preset] = {**meta, 'date': time.strftime('%Y-%m-%d'), 'curves': curves}
@@ -228,9 +233,7 @@ def learn_note(config: Config, # the run's config (its `name` picks the record)
                target: float = 0.9, # the test AUC the verdict asks about
               ) -> str|None:
     "Markdown: what `bench learn --record` measured on this preset, beside this run's training budget; None if unmeasured."
-    import yaml
-    path = Path(path) if path else package_dir()/LEARN_RECORD
-    rec = ((yaml.safe_load(path.read_text(encoding='utf-8')) if path.is_file() else None) or {}).get(config.name)
+    rec = _learn_records(path)[1].get(config.name)
     if not rec: return None
     steps = sorted({s for cv in rec['curves'].values() for s, _ in cv})
     table = pd.DataFrame([{'model': m + (" (this run's model)" if m == config.model.backbone else ' (stand-in)'),
