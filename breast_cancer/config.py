@@ -47,6 +47,13 @@ def _bool(default):
         return v
     return _Field(default, check, 'true or false')
 
+def _auto_bool(default):
+    "'auto' (decided by the hardware when the run starts), true or false."
+    def check(v):
+        if v != 'auto' and not isinstance(v, bool): raise ValueError
+        return v
+    return _Field(default, check, "'auto', true or false", ('auto', True, False))
+
 def _str(default, optional=False):
     def check(v):
         if v is None and optional: return None
@@ -159,6 +166,7 @@ SCHEMA = {
         'val_size': _num(0.1, lo=0.0, hi=0.9),
         'folds': _num(5, lo=2, hi=20, integer=True),
         'max_images': _num(None, lo=4, integer=True, optional=True),
+        'cache_in_memory': _auto_bool('auto'),   # hold the decoded training images in RAM (auto: when they fit)
     },
     'wavelet': _section(_WAVELET, 'wavelet', 'null (off) or a mapping {wavelet, level, method, mode, sigma, enhance, at}'),
     'stain': _section(_STAIN, 'stain', 'null (off) or a mapping {method, target, params, Io, alpha, beta, min_tissue, on_failure}'),
@@ -193,6 +201,9 @@ SCHEMA = {
         'bn_refresh_batches': _num(8, lo=0, integer=True),
         'fine_tune': _section(_FINE_TUNE, 'train.fine_tune', 'null or a mapping {head_epochs, unfreeze_blocks, lr}'),
         'deterministic': _bool(True),
+        'mixed_precision': _auto_bool('auto'),   # float16 compute, float32 output (auto: on a GPU of compute capability >= 7.0)
+        'xla': _bool(False),                     # compile the training step with XLA (jit_compile)
+        'steps_per_execution': _num(1, lo=1, integer=True),   # training steps per call into TensorFlow
         'augment': {
             'enabled': _bool(True),
             'flip': _Field('horizontal', _flip, "true/false or 'none', 'horizontal', 'vertical', 'both'"),
@@ -203,6 +214,7 @@ SCHEMA = {
             'crop_min': _num(0.85, lo=0.1, hi=1.0),
             'crop_max': _num(1.0, lo=0.1, hi=1.0),
             'fill_mode': _choice('constant', 'constant', 'reflect', 'nearest', 'wrap'),
+            'on': _choice('auto', 'auto', 'cpu', 'device'),   # where: in tf.data on the CPU, or in the training step (auto: device on a GPU)
         },
     },
     'distribute': {

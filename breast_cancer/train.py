@@ -18,24 +18,25 @@ from .distribute import (  # re-exported: they lived here before the distribute 
     strategy_kind, distribute_strategy, distribute_scope, split_cpu, global_batch_size, lr_factor,
     distribute_info, is_chief, worker_run_dir, from_chief, sync_from_chief, weights_checksum, fit_distributed,
     fit_function, free_ports, worker_tf_configs, launch_workers, worker_command)
+from .augment import augment_batch, batch_seed  # re-exported: augment_batch lived here before the augment module
 
 # %% auto #0
-__all__ = ['TARGETS', 'load_manifest', 'wavelet_preprocessor', 'image_transform', 'cache_manifest', 'roi_boxes', 'augment_batch',
-           'class_weights', 'oversample_indices', 'target_rows', 'make_dataset', 'package_versions', 'git_commit',
-           'hardware_info', 'manifest_hash', 'run_metadata', 'init_run_dir', 'save_model_atomic',
-           'AtomicModelCheckpoint', 'EpochBackup', 'clr_schedule', 'compile_for_config', 'LearningRateLogger',
-           'InputImagesLogger', 'MLflowLogger', 'tracking_callbacks', 'stage_datasets', 'history_from_csv',
-           'ensure_split', 'train', 'read_tensorboard', 'stage_done', 'SCHEMA', 'Config', 'load_config',
-           'strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu', 'global_batch_size', 'lr_factor',
-           'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief', 'sync_from_chief', 'weights_checksum',
-           'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs', 'launch_workers', 'worker_command']
+__all__ = ['TARGETS', 'load_manifest', 'wavelet_preprocessor', 'image_transform', 'cache_manifest', 'roi_boxes', 'class_weights',
+           'oversample_indices', 'target_rows', 'make_dataset', 'package_versions', 'git_commit', 'hardware_info',
+           'manifest_hash', 'run_metadata', 'init_run_dir', 'save_model_atomic', 'AtomicModelCheckpoint', 'EpochBackup',
+           'clr_schedule', 'compile_for_config', 'LearningRateLogger', 'InputImagesLogger', 'MLflowLogger',
+           'tracking_callbacks', 'stage_datasets', 'history_from_csv', 'ensure_split', 'train', 'read_tensorboard',
+           'stage_done', 'SCHEMA', 'Config', 'load_config', 'strategy_kind', 'distribute_strategy', 'distribute_scope',
+           'split_cpu', 'global_batch_size', 'lr_factor', 'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief',
+           'sync_from_chief', 'weights_checksum', 'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs',
+           'launch_workers', 'worker_command', 'augment_batch']
 
 # %% ../nbs/04_train.ipynb #03677417
 _log = get_logger('train')
 _all_ = ['SCHEMA', 'Config', 'load_config', 'strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu',
          'global_batch_size', 'lr_factor', 'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief',
          'sync_from_chief', 'weights_checksum', 'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs',
-         'launch_workers', 'worker_command']  # the names imported above, re-exported
+         'launch_workers', 'worker_command', 'augment_batch']  # the names imported above, re-exported
 # the benchmarks moved to `bench`, later in the chain: looked up there on first use
 __getattr__ = moved_names('breast_cancer.train', {'learnability': 'bench',
                                              'synthetic_task': 'bench', 'add_lesion': 'bench',
@@ -141,46 +142,6 @@ def _load_one(path, box, channels, roi):
         img = np.repeat(img[..., :1], channels, -1) if channels == 3 else img.mean(-1, keepdims=True)
     return np.ascontiguousarray(img, dtype=np.float32)
 
-# %% ../nbs/04_train.ipynb #e25c64ec
-def _affine_params(batch, size, aug, seed):
-    import tensorflow as tf
-    h, w = float(size[0]), float(size[1])
-    seeds = tf.random.experimental.stateless_split(seed, 8)
-    u = lambda i, lo, hi: tf.random.stateless_uniform([batch], seeds[i], lo, hi)
-    sign = lambda i: tf.where(u(i, 0., 1.) < 0.5, -1.0, 1.0)
-    one = tf.ones([batch])
-    fx = sign(0) if aug['flip'] in ('horizontal', 'both') else one
-    fy = sign(1) if aug['flip'] in ('vertical', 'both') else one
-    theta = u(2, -1., 1.) * (aug['rotation'] * math.pi / 180)
-    zoom = 1.0 + u(3, -1., 1.) * aug['zoom']
-    shear = tf.tan(u(4, -1., 1.) * (aug['shear'] * math.pi / 180))
-    if aug['random_crop']: crop = u(5, aug['crop_min'], aug['crop_max'] + 1e-7)
-    else: crop = one
-    s = zoom * crop
-    tx, ty = u(6, -0.5, 0.5) * (1 - crop) * w, u(7, -0.5, 0.5) * (1 - crop) * h
-    # input = centre + R(theta) @ Shear @ diag(s*fx, s*fy) @ (output - centre) + t
-    c, sn = tf.cos(theta), tf.sin(theta)
-    a00, a01 = c * s * fx, (c * shear - sn) * s * fy
-    a10, a11 = sn * s * fx, (sn * shear + c) * s * fy
-    cx, cy = (w - 1) / 2, (h - 1) / 2
-    a02 = cx + tx - a00 * cx - a01 * cy
-    a12 = cy + ty - a10 * cx - a11 * cy
-    zero = tf.zeros([batch])
-    return tf.stack([a00, a01, a02, a10, a11, a12, zero, zero], axis=1)
-
-# %% ../nbs/04_train.ipynb #d872bf6b
-def augment_batch(images, # float32 batch (B, H, W, C)
-                  aug: dict, # the `train.augment` section of a config
-                  seed, # a stateless seed: int32/int64 tensor of shape (2,)
-                 ):
-    "Random flips, rotation, zoom, shear and crop-and-resize of a batch, as one affine transform per image."
-    import tensorflow as tf
-    shape = tf.shape(images)
-    transforms = _affine_params(shape[0], (images.shape[1], images.shape[2]), aug, seed)
-    out = tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=shape[1:3],
-                                                 fill_value=0.0, interpolation='BILINEAR', fill_mode=aug['fill_mode'].upper())
-    return tf.clip_by_value(out, 0.0, 1.0)
-
 # %% ../nbs/04_train.ipynb #81916a7f
 def class_weights(y) -> dict:
     "Balanced class weights `{0: w0, 1: w1}` for binary labels (scikit-learn's `compute_class_weight`)."
@@ -263,11 +224,10 @@ def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); ca
         if c.data.resize == 'pad': img = tf.image.resize_with_pad(img, size, size, antialias=True)
         else: img = tf.image.resize(img, [size, size], antialias=True)
         return (tf.clip_by_value(img, 0.0, 1.0), t, *key)
-    aug, fold = c.train.augment, tf.random.experimental.stateless_fold_in
+    aug = c.train.augment
     @plain
     def augment(x, t, key):  # one stateless seed per (epoch, position of the batch's first row)
-        s = fold(fold(tf.constant([c.seed, 0xA06], tf.int64), key[0, 0]), key[0, 1])
-        return (augment_batch(x, aug, s) if aug['enabled'] else x), t
+        return (augment_batch(x, aug, batch_seed(c.seed, key[0, 0], key[0, 1])) if aug['enabled'] else x), t
     if training:  # shuffle the (cheap) row numbers, not decoded images: memory stays flat for large datasets
         per_epoch = None if c.train.steps_per_epoch is None else c.train.steps_per_epoch * bs
         P, B, Y = tf.constant(paths), tf.constant(boxes), tf.constant(y)

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT/'breast_cancer'
 # The chain: a module imports only modules before it (../shared/STYLE.md). Nothing imports the CLI.
 CHAIN = ['core', 'config', 'rundir', 'io', 'cache', 'data', 'fetch', 'mammo', 'histo', 'fixtures', 'wavelet', 'model',
-         'distribute', 'train', 'metrics', 'cascade', 'audit', 'evaluate', 'explain', 'report', 'learn', 'bench', 'cli']
+         'augment', 'distribute', 'train', 'metrics', 'cascade', 'audit', 'evaluate', 'explain', 'report', 'learn', 'bench', 'cli']
 
 def modules() -> dict[str, Path]:
     return {p.stem: p for p in PKG.glob('*.py') if p.stem not in ('__init__', '_modidx')}
