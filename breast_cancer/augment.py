@@ -5,20 +5,44 @@
 # %% ../nbs/03a_augment.ipynb #29d61a27
 from __future__ import annotations
 import math
+import keras
+import tensorflow as tf
 from .core import get_logger
+from .config import Config, need_config
 
 # %% auto #0
-__all__ = ['augment_batch', 'batch_seed']
+__all__ = ['to_unit_float', 'warp_affine', 'augment_batch', 'batch_seed', 'augment_place', 'scale_and_augment', 'device_augment',
+           'install_device_augmentation']
 
 # %% ../nbs/03a_augment.ipynb #2004555c
 _log = get_logger('augment')
 
+# %% ../nbs/03a_augment.ipynb #f9c50637
+def to_unit_float(x, # a batch or image: uint8, uint16 or float
+                 ):
+    "Pixels scaled to [0, 1] as float32: uint8 / 255, uint16 / 65535; floats only cast."
+    x = tf.convert_to_tensor(x)
+    full = {tf.uint8: 255.0, tf.uint16: 65535.0}.get(x.dtype)
+    return tf.cast(x, tf.float32) if full is None else tf.cast(x, tf.float32) / full
+
+# %% ../nbs/03a_augment.ipynb #8bcef95d
+def _int64s(seed, n: int):
+    "n full-range int64 from a stateless seed, two Philox words each, as TensorFlow's CPU kernel makes them (the same under XLA)."
+    w = tf.cast(tf.random.stateless_uniform([n, 2], seed, minval=None, maxval=None, dtype=tf.uint32, alg='philox'), tf.uint64)
+    return tf.bitcast(tf.bitwise.bitwise_or(tf.bitwise.left_shift(w[:, 1], tf.constant(32, tf.uint64)), w[:, 0]), tf.int64)
+
+# %% ../nbs/03a_augment.ipynb #1b65363a
+def _uniform(shape, seed, lo, hi):
+    "Stateless uniform floats in [lo, hi): tf.random.stateless_uniform's CPU values, the same under XLA."
+    bits = tf.random.stateless_uniform(shape, seed, minval=None, maxval=None, dtype=tf.uint32, alg='philox')
+    unit = tf.bitcast(tf.bitwise.bitwise_or(tf.bitwise.bitwise_and(bits, 0x7FFFFF), 0x3F800000), tf.float32) - 1.0   # [1, 2) - 1
+    return unit * (hi - lo) + lo
+
 # %% ../nbs/03a_augment.ipynb #e25c64ec
 def _affine_params(batch, size, aug, seed):
-    import tensorflow as tf
     h, w = float(size[0]), float(size[1])
-    seeds = tf.random.experimental.stateless_split(seed, 8)
-    u = lambda i, lo, hi: tf.random.stateless_uniform([batch], seeds[i], lo, hi)
+    seeds = tf.reshape(_int64s(seed, 16), [8, 2])   # stateless_split(seed, 8)
+    u = lambda i, lo, hi: _uniform([batch], seeds[i], lo, hi)
     sign = lambda i: tf.where(u(i, 0., 1.) < 0.5, -1.0, 1.0)
     one = tf.ones([batch])
     fx = sign(0) if aug['flip'] in ('horizontal', 'both') else one
@@ -40,18 +64,73 @@ def _affine_params(batch, size, aug, seed):
     zero = tf.zeros([batch])
     return tf.stack([a00, a01, a02, a10, a11, a12, zero, zero], axis=1)
 
+# %% ../nbs/03a_augment.ipynb #2ade8356
+def _reflect(v, n: int):
+    "Coordinates mirrored into [0, n) as TensorFlow's FILL_REFLECT does: [abcd] -> [dcba|abcd|dcba]."
+    below = 2 * n * tf.floor(-v / (2 * n)) + v
+    below = tf.where(below < -n, below + 2 * n, -below - 1)
+    above = v - 2 * n * tf.floor(v / (2 * n))
+    above = tf.where(above >= n, 2 * n - above - 1, above)
+    return tf.where(v < 0, below, tf.where(v > n - 1, above, v))
+
+# %% ../nbs/03a_augment.ipynb #377fd8b5
+def _wrap(v, n: int):
+    "Coordinates tiled into [0, n) as TensorFlow's FILL_WRAP does: [abcd] -> [abcd|abcd|abcd] (it steps by n per n - 1)."
+    return tf.where(v < 0, v + n * (tf.floor(-v / (n - 1)) + 1), tf.where(v > n - 1, v - n * tf.floor(v / (n - 1)), v))
+
+# %% ../nbs/03a_augment.ipynb #0a0d7c07
+def _map_coordinate(v, n: int, fill_mode: str):
+    "Input coordinates `v` moved inside [0, n-1] by the fill mode, as TensorFlow's MapCoordinate does (constant: unchanged)."
+    if fill_mode == 'constant': return v
+    if fill_mode in ('reflect', 'wrap'): v = tf.zeros_like(v) if n <= 1 else (_reflect if fill_mode == 'reflect' else _wrap)(v, n)
+    return tf.clip_by_value(v, 0.0, n - 1.0)   # nearest: clamped to the edge
+
+# %% ../nbs/03a_augment.ipynb #a51988ab
+def _bilinear(images, x, y, fill_value):
+    "Bilinear reads of `images` (B, H, W, C) at float coordinates x, y (B, H', W'); neighbours outside read `fill_value`."
+    shape = tf.shape(images); h, w = images.shape[1], images.shape[2]
+    flat = tf.reshape(images, [-1, shape[3]])
+    first = tf.range(shape[0])[:, None, None] * (shape[1] * shape[2])   # each image's first row in `flat`
+    def read(yy, xx):
+        inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
+        at = tf.cast(tf.clip_by_value(yy, 0, h - 1), tf.int32) * w + tf.cast(tf.clip_by_value(xx, 0, w - 1), tf.int32)
+        return tf.where(inside[..., None], tf.gather(flat, first + at), fill_value)
+    x0, y0 = tf.floor(x), tf.floor(y); x1, y1 = x0 + 1, y0 + 1
+    wx0, wx1, wy0, wy1 = [t[..., None] for t in (x1 - x, x - x0, y1 - y, y - y0)]
+    return wy0 * (wx0 * read(y0, x0) + wx1 * read(y0, x1)) + wy1 * (wx0 * read(y1, x0) + wx1 * read(y1, x1))
+
+# %% ../nbs/03a_augment.ipynb #5c680e4b
+def warp_affine(images, # batch (B, H, W, C): float, or uint8 (interpolated in float, truncated back, as the raw op does)
+                transforms, # (B, 8) projective transforms, output -> input (what ImageProjectiveTransformV3 takes)
+                fill_mode: str = 'constant', # 'constant', 'reflect', 'nearest' or 'wrap'
+                fill_value: float = 0.0, # the value outside the image (constant mode; and neighbours past the edge)
+               ):
+    "ImageProjectiveTransformV3 with BILINEAR interpolation in plain TensorFlow ops: XLA compiles it."
+    images = tf.convert_to_tensor(images); t = tf.cast(transforms, tf.float32)
+    h, w = images.shape[1], images.shape[2]
+    ys, xs = tf.meshgrid(tf.range(h, dtype=tf.float32), tf.range(w, dtype=tf.float32), indexing='ij')
+    a = [t[:, i, None, None] for i in range(8)]
+    k = a[6] * xs + a[7] * ys + 1.0
+    x = _map_coordinate((a[0] * xs + a[1] * ys + a[2]) / k, w, fill_mode)
+    y = _map_coordinate((a[3] * xs + a[4] * ys + a[5]) / k, h, fill_mode)
+    src = tf.cast(images, tf.float32) if images.dtype.is_integer else images
+    fill = tf.cast(fill_value, src.dtype)
+    out = tf.where((k == 0)[..., None], fill, _bilinear(src, x, y, fill))
+    return tf.cast(out, images.dtype) if images.dtype.is_integer else out   # a cast truncates, like the raw op's T(float)
+
 # %% ../nbs/03a_augment.ipynb #d872bf6b
-def augment_batch(images, # float32 batch (B, H, W, C)
+def augment_batch(images, # batch (B, H, W, C): float32 in [0, 1], or uint8 (warped in 8 bits)
                   aug: dict, # the `train.augment` section of a config
                   seed, # a stateless seed: int32/int64 tensor of shape (2,)
+                  xla_safe: bool = False, # warp with `warp_affine` (XLA compiles it) instead of ImageProjectiveTransformV3
                  ):
     "Random flips, rotation, zoom, shear and crop-and-resize of a batch, as one affine transform per image."
-    import tensorflow as tf
     shape = tf.shape(images)
     transforms = _affine_params(shape[0], (images.shape[1], images.shape[2]), aug, seed)
-    out = tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=shape[1:3],
-                                                 fill_value=0.0, interpolation='BILINEAR', fill_mode=aug['fill_mode'].upper())
-    return tf.clip_by_value(out, 0.0, 1.0)
+    if xla_safe: out = warp_affine(images, transforms, aug['fill_mode'])
+    else: out = tf.raw_ops.ImageProjectiveTransformV3(images=images, transforms=transforms, output_shape=shape[1:3],
+                                                       fill_value=0.0, interpolation='BILINEAR', fill_mode=aug['fill_mode'].upper())
+    return out if out.dtype.is_integer else tf.clip_by_value(out, 0.0, 1.0)
 
 # %% ../nbs/03a_augment.ipynb #ccabb042
 def batch_seed(seed: int, # the run's seed (`config.seed`)
@@ -59,6 +138,81 @@ def batch_seed(seed: int, # the run's seed (`config.seed`)
                position, # the position of the batch's first row in the epoch's order (int or int64 tensor)
               ):
     "The stateless seed (int64, shape (2,)) of one training batch's augmentation."
-    import tensorflow as tf
-    fold = tf.random.experimental.stateless_fold_in
-    return fold(fold(tf.constant([seed, 0xA06], tf.int64), tf.cast(epoch, tf.int64)), tf.cast(position, tf.int64))
+    fold = lambda key, data: tf.stack([_int64s(key, 1)[0], tf.cast(data, tf.int64)])   # stateless_fold_in(key, data)
+    return fold(fold(tf.constant([seed, 0xA06], tf.int64), epoch), position)
+
+# %% ../nbs/03a_augment.ipynb #079510c7
+def augment_place(config: Config, # a resolved Config (load_config)
+                  replicas: int = 1, # replicas in sync (the distribution strategy's num_replicas_in_sync)
+                 ) -> tuple[str, str]:
+    "Where training batches are augmented, 'cpu' (tf.data) or 'device' (the training step), and why."
+    c = need_config(config, 'augment_place'); on = c.train.augment['place']
+    off = '' if c.train.augment['enabled'] else ' (augmentation is disabled: only the pixel scaling moves)'
+    if on != 'auto': return on, f'train.augment.place: {on}{off}'
+    if not tf.config.list_physical_devices('GPU'): return 'cpu', f'auto: no GPU{off}'
+    if replicas > 1: return 'cpu', (f'auto: {replicas} replicas; per-replica batches would draw other parameters than the '
+                                    f'global batch, so tf.data augments{off}')
+    return 'device', f'auto: a GPU and one replica{off}'
+
+# %% ../nbs/03a_augment.ipynb #29df2dc3
+def scale_and_augment(x, # a training batch as cached: uint8/uint16 (or float in [0, 1])
+                      aug: dict, # the `train.augment` section of a config
+                      seed, # the batch's stateless seed (`batch_seed`)
+                      xla_safe: bool = False, # warp with `warp_affine` (the training step) or the raw op (tf.data)
+                     ):
+    "A cached training batch as the network sees it, float32 in [0, 1]: an 8-bit batch is warped in 8 bits then scaled; others scaled then warped."
+    if not aug['enabled']: return to_unit_float(x)
+    if x.dtype == tf.uint8: return to_unit_float(augment_batch(x, aug, seed, xla_safe))
+    return augment_batch(to_unit_float(x), aug, seed, xla_safe)
+
+# %% ../nbs/03a_augment.ipynb #763c43d6
+def device_augment(x, # a training batch as cached: uint8/uint16 (or float in [0, 1])
+                   aug: dict, # the `train.augment` section of a config
+                   seed: int, # the run's seed (`config.seed`)
+                   epoch, # the epoch (int or int64 tensor)
+                   position, # the position of the batch's first row in the epoch's order (int or int64 tensor)
+                  ):
+    "What the training step does to a batch on the device path: `scale_and_augment` with `warp_affine` (XLA compiles it)."
+    return scale_and_augment(x, aug, batch_seed(seed, epoch, position), xla_safe=True)
+
+# %% ../nbs/03a_augment.ipynb #a88b6812
+class _StepAugmentation(keras.callbacks.Callback):
+    "Keeps the epoch and the step within it current for the augmenting train_step; gives the model its own step back at the end."
+    def __init__(self, model, previous):
+        super().__init__(); self.target, self.previous = model, previous
+        with model.distribute_strategy.scope():
+            make = lambda: tf.Variable(0, dtype=tf.int64, trainable=False, aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.epoch, self.step = make(), make()
+    def on_epoch_begin(self, epoch, logs=None): self.epoch.assign(epoch); self.step.assign(0)
+    def on_train_end(self, logs=None): self.remove()
+    def remove(self):
+        "Remove the override (idempotent); the next fit retraces with the model's own train_step."
+        if 'train_step' in vars(self.target): delattr(self.target, 'train_step')
+        if self.previous is not None: self.target.train_step = self.previous
+        self.previous, self.target.train_function = None, None
+
+# %% ../nbs/03a_augment.ipynb #7dcd46b7
+def _augmenting_step(state: _StepAugmentation, aug: dict, seed: int, batch_size: int, train_step):
+    "A train_step that augments x with `device_augment` at the batch's (epoch, position), then runs `train_step`."
+    def step(data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        replica = tf.cast(tf.distribute.get_replica_context().replica_id_in_sync_group, tf.int64)
+        position = state.step * batch_size + replica * tf.cast(tf.shape(x)[0], tf.int64)   # this replica's first row
+        x = device_augment(x, aug, seed, state.epoch, position)
+        state.step.assign_add(1)
+        return train_step(keras.utils.pack_x_y_sample_weight(x, y, sample_weight))
+    return step
+
+# %% ../nbs/03a_augment.ipynb #00fb3bec
+def install_device_augmentation(model, # a compiled Keras model, about to be fit
+                                config: Config, # a resolved Config (load_config): train.augment and seed
+                                batch_size: int, # the global batch size (rows per training step)
+                               ) -> keras.callbacks.Callback:
+    "Scale and augment each training batch inside `model`'s train_step; pass the returned callback to this `fit`."
+    c = need_config(config, 'install_device_augmentation')
+    previous = vars(model).get('train_step')   # an override already there is kept, and restored at the end
+    state = _StepAugmentation(model, previous)
+    own = previous if previous is not None else type(model).train_step.__get__(model)
+    model.train_step = _augmenting_step(state, c.train.augment, c.seed, batch_size, own)
+    model.train_function = None   # fit makes its function again, from the override
+    return state

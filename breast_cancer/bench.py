@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_bench.ipynb #83c3e728
 from __future__ import annotations
-import argparse, importlib, inspect, io, math, os, shutil, tempfile, time
+import argparse, contextlib, importlib, inspect, io, math, os, shutil, tempfile, time
 from pathlib import Path
 import numpy as np, pandas as pd
 from sklearn import metrics as skm
@@ -19,25 +19,12 @@ from .wavelet import AT_DEFAULT, WaveletPreprocessor, wavelet_denoise
 from .metrics import binary_metrics, group_codes
 from .learn import (LEARN_TASKS, add_lesion, bench_learn, learn_note, learnability, record_learn,
                                  synthetic_task)   # the learnability check: its own page
+from .speed import (_best, _peak_mb, T4_ESTIMATES, bench_pipeline, bench_gpu,   # the speed benchmarks: their own page
+                                 bench_distribute)
 
 # %% auto #0
 __all__ = ['benchmark_bootstrap', 'bench_wavelet', 'bench_cache', 'bench_cache_scale', 'bench_load_idc', 'bench_bootstrap',
-           'bench_pipeline', 'bench_distribute', 'add_bench_parsers', 'run_bench']
-
-# %% ../nbs/09_bench.ipynb #ffbf9b2f
-def _best(fn, repeats: int) -> float:
-    "Best wall time of `repeats` calls, in seconds."
-    best = math.inf
-    for _ in range(repeats): t0 = time.perf_counter(); fn(); best = min(best, time.perf_counter() - t0)
-    return best
-
-# %% ../nbs/09_bench.ipynb #8f62869f
-def _peak_mb(fn) -> float:
-    "Peak memory traced by tracemalloc (NumPy and Python allocations) while `fn` runs, in MB."
-    import tracemalloc
-    tracemalloc.start(); tracemalloc.reset_peak()
-    try: fn(); return tracemalloc.get_traced_memory()[1] / 2**20
-    finally: tracemalloc.stop()
+           'add_bench_parsers', 'run_bench']
 
 # %% ../nbs/09_bench.ipynb #f6819278
 def _bench_images(n_images, size, seed=0):
@@ -408,105 +395,6 @@ def bench_bootstrap(n_images: int = 3000, # images
 
 benchmark_bootstrap = bench_bootstrap   # its name before the benchmarks had one home
 
-# %% ../nbs/09_bench.ipynb #da6da053
-def bench_pipeline(config='demo', # the config (a preset name or a YAML path) whose data and augmentations to use
-                   image_size: int = 128, # model input size for both measurements
-                   batch_size: int = 16, # batch size for both measurements
-                   steps: int = 30, # pipeline batches to time
-                   model_steps: int = 3, # training steps to time (after one warm-up step)
-                   backbone: str = 'resnet50', # the model to time
-                  ) -> dict:
-    "Print and return input-pipeline images/s from the cache vs model-training images/s, and their ratio."
-    from breast_cancer import model as bc_model, train as bc_train   # TensorFlow loads here
-    c = load_config(config).replace(**{'data.image_size': image_size, 'train.batch_size': batch_size, 'train.steps_per_epoch': 1})
-    manifest = bc_train.cache_manifest(bc_train.load_manifest(c), c, progress=False)
-    it = iter(bc_train.make_dataset(manifest, c, training=True, target='abnormal')); next(it)
-    pipe = steps * batch_size / _best(lambda: [next(it) for _ in range(steps)], 1)
-    net = bc_model.build_model(backbone, input_shape=(image_size, image_size, c.data.channels), weights=None, freeze='none')
-    bc_model.compile_model(net, learning_rate=1e-3, optimizer='sgd')
-    xb, yb = (t.numpy() for t in next(it)); net.train_on_batch(xb, yb)   # one warm-up step pays for tracing
-    fit = model_steps * batch_size / _best(lambda: [net.train_on_batch(xb, yb) for _ in range(model_steps)], 1)
-    out = {'image_size': image_size, 'batch_size': batch_size, 'pipeline_images_per_s': round(pipe, 1),
-           'model_images_per_s': round(fit, 1), 'ratio': round(pipe / fit, 1), 'backbone': backbone}
-    print(f"input pipeline {out['pipeline_images_per_s']} img/s vs {backbone} training {out['model_images_per_s']} img/s "
-          f"at {image_size} px, batch {batch_size}: the pipeline is {out['ratio']}x faster")
-    return out
-
-# %% ../nbs/09_bench.ipynb #652a872e
-def _replica_rates(n: int, devices: list, make_net, manifest: pd.DataFrame, c, batch_size: int, steps: int, xla: bool) -> dict:
-    "Training images/s on `n` replicas, fed one constant batch and the real pipeline (2 warm-up steps, then `steps` timed)."
-    import tensorflow as tf
-    from breast_cancer import model as bc_model, train as bc_train
-    with tf.distribute.MirroredStrategy(devices[:n]).scope(): net = make_net()
-    bc_model.compile_model(net, learning_rate=1e-3, optimizer='sgd', metrics=[], jit_compile=xla)
-    pipeline, out = bc_train.make_dataset(manifest, c, training=True, batch_size=batch_size * n), {}
-    for feed, ds in (('constant', tf.data.Dataset.from_tensors(next(iter(pipeline))).repeat()), ('pipeline', pipeline)):
-        net.fit(ds, epochs=1, steps_per_epoch=2, verbose=0)
-        out[f'{feed}_images_per_s_{n}'] = round(steps * batch_size * n / _best(lambda: net.fit(ds, epochs=1, steps_per_epoch=steps, verbose=0), 1), 1)
-    return out
-
-# %% ../nbs/09_bench.ipynb #52b46324
-def _distribute_text(res: dict, replicas: int) -> str:
-    "The report of `bench_distribute`."
-    lines = [f"{res['backbone']} at {res['image_size']} px, {res['batch_per_replica']} images per replica, on {', '.join(res['devices'])} (load average {res['load_average']}):"]
-    lines += [f"  {n} replica(s): {res[f'constant_images_per_s_{n}']} img/s on a constant batch, {res[f'pipeline_images_per_s_{n}']} img/s from the pipeline"
-              for n in (1, replicas)]
-    lines.append(f"  scaling efficiency at {replicas} replicas: {res['scaling_efficiency']:.0%}; the pipeline alone makes "
-                 f"{res['pipeline_alone_images_per_s']} img/s and training from it runs at {res['pipeline_vs_constant']:.0%} of the constant feed "
-                 f"({'keeps up' if res['pipeline_keeps_up'] else 'does NOT keep up'})")
-    return '\n'.join(lines)
-
-# %% ../nbs/09_bench.ipynb #1c2b2e86
-def _fresh_process(name: str, # a benchmark function of this module
-                   kwargs: dict, # its arguments (JSON)
-                  ) -> dict:
-    "Run benchmark `name` in a fresh Python process (for what must happen before TensorFlow starts); print its output, return its result."
-    import json, subprocess, sys
-    code = ("import json, sys; from breast_cancer import bench; "
-            f"r = bench.{name}(**json.loads(sys.argv[1])); print('\\n@@result ' + json.dumps(r))")
-    res = subprocess.run([sys.executable, '-c', code, json.dumps(kwargs)], capture_output=True, text=True)
-    if res.returncode or '@@result ' not in res.stdout:
-        raise RuntimeError(f'{name} in a fresh process exited {res.returncode}: {res.stderr.strip()[-1500:]}')
-    out, _, last = res.stdout.rpartition('@@result ')
-    print(out.rstrip()); return json.loads(last)
-
-# %% ../nbs/09_bench.ipynb #871a1b1f
-def bench_distribute(config='demo', # the config whose data, augmentation and backbone to use
-                     image_size: int = 64, # model input size
-                     batch_size: int = 16, # per-replica batch
-                     steps: int = 6, # timed training steps per measurement (after 2 warm-up steps)
-                     replicas: int = 2, # the replicas to compare with one
-                     backbone: str|None = None, # default: the config's; 'small_cnn' for model.small_cnn
-                     mixed_precision: bool = False, # float16 compute (GPU only; stays float32 on a CPU)
-                     xla: bool = False, # compile the training step with XLA (`jit_compile`)
-                    ) -> dict:
-    "Print and return training images/s at 1 and n replicas, the scaling efficiency, and whether the input pipeline keeps up."
-    import tensorflow as tf
-    from breast_cancer import model as bc_model, train as bc_train
-    from breast_cancer.distribute import split_cpu
-    gpus = tf.config.list_physical_devices('GPU')
-    try: devices = [f'/gpu:{i}' for i in range(len(gpus))] if len(gpus) >= replicas else split_cpu(replicas)
-    except RuntimeError:   # TensorFlow already runs here (an earlier cell of a notebook): the CPU split needs a fresh process
-        print('TensorFlow already runs in this process, so the CPU cannot be split into replicas here: measuring in a fresh process')
-        return _fresh_process('bench_distribute', dict(config=dict(load_config(config)), image_size=image_size, batch_size=batch_size, steps=steps,
-                                                      replicas=replicas, backbone=backbone, mixed_precision=mixed_precision, xla=xla))
-    c = load_config(config).replace(**{'data.image_size': image_size, 'train.batch_size': batch_size, 'train.steps_per_epoch': 1})
-    manifest, backbone, shape = bc_train.cache_manifest(bc_train.load_manifest(c), c, progress=False), backbone or c.model.backbone, (image_size, image_size, c.data.channels)
-    res = {'backbone': backbone, 'image_size': image_size, 'batch_per_replica': batch_size, 'devices': devices[:replicas],
-           'mixed_precision': mixed_precision and bool(gpus), 'xla': xla}
-    make_net = lambda: (bc_model.small_cnn(shape) if backbone == 'small_cnn' else
-                        bc_model.build_model(backbone, shape, weights=None, freeze='none', mixed_precision=mixed_precision))
-    for n in (1, replicas): res.update(_replica_rates(n, devices, make_net, manifest, c, batch_size, steps, xla))
-    it = iter(bc_train.make_dataset(manifest, c, training=True, batch_size=batch_size * replicas)); next(it)
-    res['pipeline_alone_images_per_s'] = round(2 * steps * batch_size * replicas / _best(lambda: [next(it) for _ in range(2 * steps)], 1), 1)
-    res['scaling_efficiency'] = round(res[f'constant_images_per_s_{replicas}'] / (replicas * res['constant_images_per_s_1']), 2)
-    res['pipeline_vs_constant'] = round(res[f'pipeline_images_per_s_{replicas}'] / res[f'constant_images_per_s_{replicas}'], 2)
-    res['pipeline_keeps_up'] = res['pipeline_vs_constant'] >= 0.9
-    res['load_average'] = [round(x, 2) for x in os.getloadavg()]
-    if mixed_precision: bc_model.use_mixed_precision(False)
-    print(_distribute_text(res, replicas))
-    return res
-
 # %% ../nbs/09_bench.ipynb #d0278943
 def _film_shape(text: str) -> tuple[int, int]:
     "'4800x3000' as (4800, 3000): rows and columns of a generated film."
@@ -524,10 +412,12 @@ _CLI = {  # name on the command line: (function, an example, its flags)
     'bootstrap': (bench_bootstrap, 'breast-cancer bench bootstrap --n-boot 2000', 'n=n_images patients=n_patients n_boot compare_sklearn seed'),
     'learn': (bench_learn, 'breast-cancer bench learn --config demo --size 64 --every 25 --time-limit 900',
               'config models steps every=eval_every size=image_size batch_size task amplitude kind time-limit=time_limit_s record'),
-    'pipeline': (bench_pipeline, 'breast-cancer bench pipeline --config demo --size 128', 'config size=image_size batch_size steps model_steps backbone'),
+    'pipeline': (bench_pipeline, 'breast-cancer bench pipeline --size 224', 'config size batch_size steps warmup repeats model_steps backbone'),
     'distribute': (bench_distribute, 'breast-cancer bench distribute --config demo --size 64 --backbone small_cnn',
-                   'config size=image_size batch_size steps replicas backbone mixed_precision xla')}
-_TYPES = {'film_shape': _film_shape, 'models': lambda s: tuple(s.split(',')), 'manifest': str}  # where the default does not say the type
+                   'config size=image_size batch_size steps replicas backbone mixed_precision xla'),
+    'gpu': (bench_gpu, 'breast-cancer bench gpu --out bench_gpu', 'config sizes batch_size steps max_batch out backbone')}
+_TYPES = {'film_shape': _film_shape, 'models': lambda s: tuple(s.split(',')), 'manifest': str,
+          'sizes': lambda s: tuple(int(v) for v in s.split(','))}  # where the default does not say the type
 
 # %% ../nbs/09_bench.ipynb #373b6fd1
 def _flags(spec: str) -> list[tuple[str, str]]:

@@ -16,9 +16,9 @@ from .metrics import (
     AGGREGATIONS, aggregate_breasts, binary_metrics, breast_side, choose_threshold, multiclass_metrics)
 from .config import Config, load_config, need_config
 from .rundir import STAGES, ModelDir, RunDir
-from .model import small_cnn
+from .model import precision_settings, small_cnn
 from .train import (cache_manifest, make_dataset, train, init_run_dir, ensure_split,
-                                 image_transform, package_versions, _cache_size, load_manifest, stage_done,
+                                 image_transform, package_versions, _cache_size, _cache_fit, load_manifest, stage_done,
                                  distribute_scope, _run_folder, from_chief, sync_from_chief)
 
 # %% auto #0
@@ -68,14 +68,15 @@ def build_stage(config: Config) -> keras.Model:
     from breast_cancer import model as bc_model
     c = need_config(config, 'build_stage')
     return bc_model.build_model(c.model.backbone, input_shape=(c.data.image_size, c.data.image_size, c.data.channels),
-                                weights=c.model.weights, head=c.model.head, n_classes=1, dropout=c.model.dropout, freeze=c.model.freeze)
+                                weights=c.model.weights, head=c.model.head, n_classes=1, dropout=c.model.dropout, freeze=c.model.freeze,
+                                mixed_precision=precision_settings(c)['mixed_precision'])
 
 # %% ../nbs/05_cascade.ipynb #6d008743
 def small_stage(config: Config, # the run config (its input size)
                ) -> keras.Model:
     "The stand-in for `build_stage` in tests and demos: `model.small_cnn` at the config's input size."
     c = need_config(config, 'small_stage')
-    return small_cnn((c.data.image_size, c.data.image_size, c.data.channels))
+    return small_cnn((c.data.image_size, c.data.image_size, c.data.channels), mixed_precision=precision_settings(c)['mixed_precision'])
 
 # %% ../nbs/05_cascade.ipynb #7da76f80
 @patch(cls_method=True)
@@ -83,7 +84,9 @@ def from_config(cls: Cascade, config: Config, # the run config (`load_config` it
                 build=None, # callable(config) -> Keras model; default `build_stage` (the config's backbone)
                ) -> Cascade:
     "A cascade with freshly built stages (stage 1 only in cascade mode), seeded by the config."
-    c = need_config(config, 'Cascade.from_config'); seed_everything(c.seed, deterministic=c.train.deterministic); build = build or build_stage
+    c = need_config(config, 'Cascade.from_config'); build = build or build_stage
+    precision_settings(c)   # resolved (and logged) here: its one-time device probes must not run inside a strategy's scope
+    seed_everything(c.seed, deterministic=c.train.deterministic)
     with distribute_scope(c): stage1, stage2 = (build(c) if c.task == 'cascade' else None), build(c)  # on every replica
     return cls(stage1, stage2, config=c)
 
@@ -124,6 +127,17 @@ def probabilities(self: Cascade, manifest: pd.DataFrame, # rows to predict (cach
     pa = _predict_manifest(self.stage1, manifest, c, batch_size, 'stage1') if self.stage1 is not None else np.full(len(manifest), np.nan)
     return pa, _predict_manifest(self.stage2, manifest, c, batch_size, 'stage2')
 
+# %% ../nbs/05_cascade.ipynb #a9181ecf
+def _warn_precision_change(run: RunDir, config: Config) -> list[str]:
+    "The precision settings that differ between the run's `metadata.json` and this machine, logged as a warning."
+    before, now = run.read_metadata().get('precision') or {}, precision_settings(config)
+    changed = [k for k in ('mixed_precision', 'xla', 'steps_per_execution') if k in before and before[k] != now[k]]
+    if changed:
+        said = lambda s: (f"mixed precision {'on' if s.get('mixed_precision') else 'off'} ({s.get('mixed_precision_reason', '?')}), "
+                          f"XLA {'on' if s.get('xla') else 'off'} ({s.get('xla_reason', '?')}), steps_per_execution {s.get('steps_per_execution', '?')}")
+        _log.warning(f'{run.metadata_file} recorded {said(before)}; this machine resolves {said(now)}: training continues with the latter')
+    return changed
+
 # %% ../nbs/05_cascade.ipynb #ed323c61
 @patch
 def fit(self: Cascade, manifest: pd.DataFrame, # manifest; split by patient when it has no `split` column
@@ -138,7 +152,8 @@ def fit(self: Cascade, manifest: pd.DataFrame, # manifest; split by patient when
     manifest = cache_manifest(ensure_split(manifest, c), c)
     run_dir = _run_folder(run_dir, c); run = RunDir(run_dir)
     with run.lock():  # one writer per run folder
-        if not run.exists(): init_run_dir(c, manifest, run_dir)
+        if run.exists(): _warn_precision_change(run, c)
+        else: init_run_dir(c, manifest, run_dir)
         stages = [('stage1', self.stage1, 'abnormal')] if c.task == 'cascade' else []
         if c.task == 'cascade' and self.stage1 is None: raise ConfigError("task 'cascade' needs a stage-1 model: pass stage1= or use Cascade.from_config")
         for stage, model, target in stages + [('stage2', self.stage2, 'malignant')]:
@@ -173,7 +188,7 @@ def _to_cache(images, config, folder: Path) -> list[str]:
     out = [None] * len(images)
     if files:  # the training cache's own code path: data.cache_images into a temporary cache
         m = pd.DataFrame({'dataset': 'predict', 'image_id': [f'{i:06d}' for i, _ in files], 'image_path': [p for _, p in files]})
-        for (i, _), p in zip(files, bc_data.cache_images(m, size=size, transform=transform, cache_root=folder, workers=1, progress=False,
+        for (i, _), p in zip(files, bc_data.cache_images(m, size=size, transform=transform, cache_root=folder, workers=1, progress=False, fit=_cache_fit(config),
                                                                    nonfinite=config.data.nonfinite)['cache_path']):
             out[i] = p
     for i, im in enumerate(images):
@@ -354,6 +369,7 @@ def run_from_config(config, # a Config, dict, YAML path or preset name: resolved
         t0 = time.perf_counter()
         manifest = ensure_split(load_manifest(c), c)
         manifest = cache_manifest(manifest, c)  # before the strategy: its collective ops must be set up before any TF op
+        _warn_precision_change(run, c)   # before init_run_dir rewrites metadata.json: a resumed run from another machine
         init_run_dir(c, manifest, run_dir)
         cascade = Cascade.from_config(c, build).fit(manifest, c, run_dir, verbose=verbose)
         cascade.save(run.cascade.path)

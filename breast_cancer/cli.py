@@ -297,7 +297,7 @@ def _add_audit(sub):
     sp.add_argument('--threshold', type=int, default=40, help='near duplicate: perceptual-hash distance <= this many bits of 256')
 
 # %% ../nbs/08_cli.ipynb #8ee371b9
-_BENCHMARKS = ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'pipeline', 'distribute']
+_BENCHMARKS = ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'pipeline', 'distribute', 'gpu']
 
 def _bench(args):
     from breast_cancer.bench import run_bench

@@ -214,7 +214,7 @@ SCHEMA = {
             'crop_min': _num(0.85, lo=0.1, hi=1.0),
             'crop_max': _num(1.0, lo=0.1, hi=1.0),
             'fill_mode': _choice('constant', 'constant', 'reflect', 'nearest', 'wrap'),
-            'on': _choice('auto', 'auto', 'cpu', 'device'),   # where: in tf.data on the CPU, or in the training step (auto: device on a GPU)
+            'place': _choice('auto', 'auto', 'cpu', 'device'),   # where: in tf.data on the CPU, or in the training step (auto: device on a GPU)
         },
     },
     'distribute': {

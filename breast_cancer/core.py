@@ -120,7 +120,7 @@ def setup_runtime(verbose: bool = True, # print what was found (on Colab)
 
 # %% ../nbs/00_core.ipynb #c793b02d
 def seed_everything(seed: int = 0, # the seed for Python, NumPy and TensorFlow
-                    deterministic: bool = False, # also make TensorFlow ops deterministic (slower)
+                    deterministic: bool = False, # make TensorFlow ops deterministic (slower); False turns it off again
                    ) -> int:
     "Seed every random number generator the pipeline uses; returns the seed."
     seed = int(seed)
@@ -131,6 +131,9 @@ def seed_everything(seed: int = 0, # the seed for Python, NumPy and TensorFlow
         import keras, tensorflow as tf
         keras.utils.set_random_seed(seed)
         if deterministic: tf.config.experimental.enable_op_determinism()
+        else:  # an earlier run in this process may have turned it on, and it stops XLA; TensorFlow has no public switch back
+            from tensorflow.python.framework import config as tf_config
+            getattr(tf_config, 'disable_op_determinism', lambda: None)()
     return seed
 
 # %% ../nbs/00_core.ipynb #960cdf19

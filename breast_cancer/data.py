@@ -59,7 +59,7 @@ MANIFEST_SCHEMA = {  # column: (kind, dtype, meaning) -- the one place the manif
     'subtlety':         ('optional', 'int', 'subtlety rating 1-5 (DDSM, CBIS-DDSM)'),
     'split':            ('optional', 'str', "'train' | 'val' | 'test': an official split, or one made by `patient_split`"),
     'fold':             ('added', 'int', 'cross-validation fold 0..k-1, added by `patient_kfold` (-1: an official test image)'),
-    'cache_path':       ('added', 'str', 'the cached float32 `.npy`, added by `cache_images`'),
+    'cache_path':       ('added', 'str', 'the cached `.npy` (uint8/uint16, the source bit depth), added by `cache_images`'),
 }
 MANIFEST_COLUMNS = tuple(k for k, v in MANIFEST_SCHEMA.items() if v[0] == 'required')
 OPTIONAL_COLUMNS = tuple(k for k, v in MANIFEST_SCHEMA.items() if v[0] == 'optional')

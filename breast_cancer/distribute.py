@@ -192,33 +192,53 @@ def _evaluate_local(predict, dataset, steps, loss_fn, metrics) -> dict:
         for m in metrics: m.update_state(y, p)
     return {'val_loss': total / max(n, 1), **{f'val_{m.name}': float(m.result()) for m in metrics}}
 
-# %% ../nbs/04a_distribute.ipynb #d09ce0ec
-def _train_step(model, strategy, metrics, class_weight):
-    "One global training step, `strategy.run` on every replica: returns the mean weighted loss of the global batch."
+# %% ../nbs/04a_distribute.ipynb #484ee271
+def _replica_gradients(model, loss_fn, class_weights, jit_compile: bool = False):
+    "`(loss, predictions, gradients)` of one replica's batch, from the optimizer's scaled loss; XLA-compiled when asked."
+    import tensorflow as tf
+    def gradients(images, y, n):
+        with tf.GradientTape() as tape:
+            p = model(images, training=True)
+            loss = tf.reduce_sum(loss_fn(y, p) * tf.gather(class_weights, tf.cast(y[:, 0], tf.int32))) / n
+            if model.losses: loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+            scaled = model.optimizer.scale_loss(loss)   # × the dynamic scale for a LossScaleOptimizer, else the loss itself
+        return loss, p, tape.gradient(scaled, model.trainable_variables)
+    return tf.function(gradients, jit_compile=True) if jit_compile else gradients
+
+# %% ../nbs/04a_distribute.ipynb #756a610d
+def _train_step(model, strategy, metrics, class_weight, jit_compile: bool = False, steps: int = 1):
+    "`steps` global training steps, `strategy.run` on every replica; returns the sum of their mean weighted losses."
     import tensorflow as tf
     loss_fn, stats = _loss_function(model), [v for v in model.non_trainable_weights if 'float' in str(v.dtype)]
     cw = tf.constant([float((class_weight or {}).get(k, 1.0)) for k in (0, 1)], tf.float32)
+    compute = _replica_gradients(model, loss_fn, cw, jit_compile)
     @tf.autograph.experimental.do_not_convert  # plain TF ops, no Python control flow on tensors
     def replica_step(images, labels):
         ctx = tf.distribute.get_replica_context()
         y = tf.reshape(tf.cast(labels, tf.float32), [-1, 1])
         n = ctx.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.shape(y)[0], tf.float32))  # images in the global batch
-        with tf.GradientTape() as tape:
-            p = model(images, training=True)
-            loss = tf.reduce_sum(loss_fn(y, p) * tf.gather(cw, tf.cast(y[:, 0], tf.int32))) / n
-            if model.losses: loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
-        grads = tape.gradient(loss, model.trainable_variables)
-        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        loss, p, grads = compute(images, y, n)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))   # a LossScaleOptimizer unscales them
         for m in metrics: m.update_state(y, p)
         return loss, tf.concat([tf.reshape(tf.convert_to_tensor(v), [-1]) for v in stats] or [tf.zeros([0])], 0)
     @tf.function
     def step(iterator):
-        loss, local_stats = strategy.run(replica_step, args=next(iterator))
-        if stats:  # BatchNorm moving statistics: each replica updated its own copy; all take the mean
-            mean = strategy.reduce(tf.distribute.ReduceOp.MEAN, local_stats, axis=None)
-            for v, part in zip(stats, tf.split(mean, [int(np.prod(v.shape)) for v in stats])): v.assign(tf.reshape(part, v.shape))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        total = tf.constant(0.0)
+        for _ in tf.range(steps):
+            loss, local_stats = strategy.run(replica_step, args=next(iterator))
+            if stats:  # BatchNorm moving statistics: each replica updated its own copy; all take the mean
+                mean = strategy.reduce(tf.distribute.ReduceOp.MEAN, local_stats, axis=None)
+                for v, part in zip(stats, tf.split(mean, [int(np.prod(v.shape)) for v in stats])): v.assign(tf.reshape(part, v.shape))
+            total += strategy.reduce(tf.distribute.ReduceOp.SUM, loss, axis=None)
+        return total
     return step
+
+# %% ../nbs/04a_distribute.ipynb #da5dd720
+def _step_calls(steps_per_epoch: int, k: int, step_fns: dict) -> list[tuple]:
+    "An epoch as calls `(first step, last step, step function)`: calls of `k` steps, then single steps for the rest."
+    full = steps_per_epoch // k
+    return ([(j * k, j * k + k - 1, step_fns[k]) for j in range(full)] +
+            [(i, i, step_fns[1]) for i in range(full * k, steps_per_epoch)])
 
 # %% ../nbs/04a_distribute.ipynb #b6eeddc1
 def fit_distributed(model, # compiled in the strategy's scope (its optimizer and loss are used)
@@ -232,6 +252,8 @@ def fit_distributed(model, # compiled in the strategy's scope (its optimizer and
                     callbacks: list|None = None, # Keras callbacks, called as model.fit calls them
                     verbose='auto', # progress bar on the chief (0: none)
                     strategy=None, # default: the strategy the model was built under
+                    jit_compile: bool|None = None, # XLA for each replica's step; None: as the model was compiled
+                    steps_per_execution: int|None = None, # steps per call; None: as the model was compiled
                    ):
     "`model.fit` for `MultiWorkerMirroredStrategy` under Keras 3: a `strategy.run` step, the same callbacks and `History`."
     import tensorflow as tf
@@ -242,7 +264,10 @@ def fit_distributed(model, # compiled in the strategy's scope (its optimizer and
         if not model.optimizer.built: model.optimizer.build(model.trainable_variables)
         metrics = bc_model.default_metrics(1)
     val_metrics = bc_model.default_metrics(1)
-    step, predict = _train_step(model, s, metrics, class_weight), tf.function(lambda x: model(x, training=False))
+    jit = bool(model.jit_compile if jit_compile is None else jit_compile)
+    k = max(1, min(int(steps_per_execution or getattr(model, 'steps_per_execution', 1) or 1), steps_per_epoch))
+    calls = _step_calls(steps_per_epoch, k, {n: _train_step(model, s, metrics, class_weight, jit, n) for n in {k, 1}})
+    predict = tf.function(lambda x: model(x, training=False))
     cbs = keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=bool(verbose) and chief, model=model,
                                        verbose=1 if verbose == 'auto' else verbose, epochs=epochs, steps=steps_per_epoch)
     model.stop_training = False
@@ -257,10 +282,10 @@ def fit_distributed(model, # compiled in the strategy's scope (its optimizer and
         for m in metrics: m.reset_state()
         cbs.on_epoch_begin(epoch)
         total = 0.0
-        for i in range(steps_per_epoch):
-            cbs.on_train_batch_begin(i)
+        for first, last, step in calls:   # Keras's batch callbacks with steps_per_execution: first and last step of each call
+            cbs.on_train_batch_begin(first)
             total += float(step(iterator))
-            cbs.on_train_batch_end(i, {'loss': total / (i + 1)})
+            cbs.on_train_batch_end(last, {'loss': total / (last + 1)})
         logs = {'loss': total / steps_per_epoch, **{m.name: float(m.result()) for m in metrics}}
         if validation_data is not None: logs.update(_evaluate_local(predict, validation_data, validation_steps, _loss_function(model), val_metrics))
         names = sorted(logs)

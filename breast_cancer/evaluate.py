@@ -21,12 +21,12 @@ from .audit import (
 # %% auto #0
 __all__ = ['SUBGROUP_COLUMNS', 'validate_predictions', 'CascadeMetrics', 'cascade_metrics', 'run_thresholds', 'evaluate_run',
            'wavelet_texture_features', 'classical_baseline', 'recognition_rate', 'PatientLevel', 'patient_level',
-           'aggregate_views', 'BreastLevel', 'breast_level', 'subgroup_metrics', 'reporting_checklist', 'model_card',
-           'write_model_card', 'plot_confusion', 'plot_roc', 'plot_pr', 'read_history', 'plot_history',
-           'plot_calibration', 'BINARY_METRICS', 'MIN_PATIENTS', 'MIN_PER_CLASS', 'AGGREGATIONS', 'AUCComparison',
-           'Metrics', 'binary_metrics', 'bootstrap_weights', 'compare_auc', 'degenerate_interval', 'delong_covariance',
-           'metrics_table', 'multiclass_metrics', 'sample_size_note', 'NEAR_DUPLICATE_BITS', 'HASH_SIZE', 'SplitAudit',
-           'audit_html', 'audit_split', 'hash_distances', 'perceptual_hashes']
+           'aggregate_views', 'BreastLevel', 'breast_level', 'subgroup_metrics', 'reporting_checklist',
+           'precision_facts', 'model_card', 'write_model_card', 'plot_confusion', 'plot_roc', 'plot_pr', 'read_history',
+           'plot_history', 'plot_calibration', 'BINARY_METRICS', 'MIN_PATIENTS', 'MIN_PER_CLASS', 'AGGREGATIONS',
+           'AUCComparison', 'Metrics', 'binary_metrics', 'bootstrap_weights', 'compare_auc', 'degenerate_interval',
+           'delong_covariance', 'metrics_table', 'multiclass_metrics', 'sample_size_note', 'NEAR_DUPLICATE_BITS',
+           'HASH_SIZE', 'SplitAudit', 'audit_html', 'audit_split', 'hash_distances', 'perceptual_hashes']
 
 # %% ../nbs/06_evaluate.ipynb #419402e0
 _log = get_logger('evaluate')
@@ -432,15 +432,26 @@ def _run_frame(run: RunDir, predictions: str) -> tuple[pd.DataFrame, dict, dict]
         if extra: pred = pred.merge(split[['image_id', *extra]].drop_duplicates('image_id'), on='image_id', how='left')
     return pred, cfg, run.read_metadata()
 
+# %% ../nbs/06_evaluate.ipynb #eb54413e
+def precision_facts(meta: dict, # a run's metadata (`RunDir.read_metadata`)
+                   ) -> list[tuple[str, str]]:
+    "Rows `(what, value)`: mixed precision and XLA, each on/off with its reason, and steps per execution; 'not recorded' for older runs."
+    p = meta.get('precision')
+    if not isinstance(p, dict): return [('mixed precision, XLA', 'not recorded (a run from before they were recorded)')]
+    said = lambda k: f"{'on' if p.get(k) else 'off'} ({p.get(k + '_reason') or 'no reason recorded'})"
+    return [('mixed precision', said('mixed_precision')), ('XLA', said('xla')),
+            ('steps per execution', str(p.get('steps_per_execution', 'not recorded')))]
+
 # %% ../nbs/06_evaluate.ipynb #707da76b
 def _card_details(cfg, meta: dict, t1: float, t2: float) -> list[str]:
-    "The model card's 'Model details' from the run's Config ({} if none) and metadata: network, provenance, thresholds."
+    "The model card's 'Model details' from the run's Config ({} if none) and metadata: network, provenance, thresholds, computation."
     m, d, tr = cfg.get('model') or {}, cfg.get('data') or {}, cfg.get('train') or {}
     return ["## Model details\n", f"- Task: {cfg.get('task', '?')} (stage 1 normal vs abnormal, stage 2 benign vs malignant); "
             f"backbone {m.get('backbone', '?')}, head {m.get('head', '?')}, initial weights {m.get('weights')}, input {d.get('image_size', '?')} px, "
             f"wavelet preprocessing {'on' if cfg.get('wavelet') else 'off'}, {tr.get('epochs', '?')} epochs, cyclical learning rate.",
             f"- Built {meta.get('created', '?')} by `breast_cancer` at git commit `{meta.get('git_commit')}`; config hash "
-            f"`{meta.get('config_hash')}`; thresholds chosen on validation patients: stage 1 {t1:.4f}, stage 2 {t2:.4f}.\n"]
+            f"`{meta.get('config_hash')}`; thresholds chosen on validation patients: stage 1 {t1:.4f}, stage 2 {t2:.4f}.",
+            "- Computation: " + '; '.join(f'{k} {markdown_text(v)}' for k, v in precision_facts(meta)) + ".\n"]
 
 # %% ../nbs/06_evaluate.ipynb #45c43a12
 def _card_overall(res: CascadeMetrics) -> pd.DataFrame:

@@ -13,8 +13,8 @@ from .core import DataError, ConfigError, file_sha256
 from .config import check_choice, choices
 
 # %% auto #0
-__all__ = ['NONFINITE', 'read_image', 'write_pgm', 'write_dicom', 'resize_longer', 'read_resized', 'read_checksums',
-           'safe_extract', 'verify_checksums']
+__all__ = ['NONFINITE', 'read_image', 'write_pgm', 'write_dicom', 'source_dtype', 'resize_longer', 'read_resized',
+           'read_checksums', 'safe_extract', 'verify_checksums']
 
 # %% ../nbs/01c_io.ipynb #9f35a8e4
 _NOT_DICOM = ('.png', '.jpg', '.jpeg', '.pgm', '.ppm', '.tif', '.tiff', '.bmp')  # not opened to look for a preamble
@@ -301,6 +301,23 @@ def _image_size(path: Path) -> tuple[int, int]:
     except PermissionError as e: raise _unreadable(path, e) from e
     except Exception as e:
         raise DataError(f'{path}: unreadable image ({e}); download it again (breast-cancer download mias)') from e
+
+# %% ../nbs/01c_io.ipynb #83a8e72f
+_EIGHT_BIT_MODES = ('1', 'L', 'LA', 'La', 'P', 'PA', 'RGB', 'RGBA', 'RGBa', 'RGBX', 'CMYK', 'YCbCr', 'LAB', 'HSV')  # Pillow
+
+def source_dtype(path, # an image file, as for `read_image`
+                ) -> np.dtype:
+    "`uint8` for an 8-bit source, `uint16` for a deeper or float one (or one whose header cannot be read): from the header only."
+    path = Path(path)
+    try:
+        if _is_dicom(path):
+            import pydicom; ds = pydicom.dcmread(path, stop_before_pixels=True)
+            eight = int(ds.get('BitsStored', 16)) <= 8 and 'FloatPixelData' not in ds and 'DoubleFloatPixelData' not in ds
+        else:
+            from PIL import Image
+            with Image.open(path) as im: eight = im.mode in _EIGHT_BIT_MODES
+    except Exception: eight = False
+    return np.dtype(np.uint8 if eight else np.uint16)
 
 # %% ../nbs/01c_io.ipynb #f293e113
 _REDUCING_GAP = 3.0  # Pillow's reducing_gap for every shrink (see resize_longer)

@@ -4,7 +4,7 @@
 
 # %% ../nbs/03_model.ipynb #a5aa512a
 from __future__ import annotations
-import contextlib, os, re, socket, threading, time
+import contextlib, functools, os, re, socket, threading, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -14,7 +14,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 from .core import ConfigError, WeightsUnavailableError, get_logger
-from .config import check_choice, choices
+from .config import Config, check_choice, choices, need_config
 
 # %% auto #0
 __all__ = ['CLR_MODES', 'BACKBONES', 'HEADS', 'CyclicalLearningRate', 'TriangularCyclicalLearningRate',
@@ -22,7 +22,8 @@ __all__ = ['CLR_MODES', 'BACKBONES', 'HEADS', 'CyclicalLearningRate', 'Triangula
            'Backbone', 'get_backbone_spec', 'BackbonePreprocess', 'keras_cache_dir', 'network_reachable',
            'resolve_weights', 'add_head', 'get_backbone', 'backbone_blocks', 'set_trainable_blocks',
            'unfreeze_top_blocks', 'use_mixed_precision', 'build_model', 'build_resnet50', 'refresh_batchnorm',
-           'compile_model', 'LRFinderResult', 'lr_find', 'fine_tune_phases', 'fit_phases', 'fine_tune', 'small_cnn']
+           'compile_model', 'LRFinderResult', 'lr_find', 'fine_tune_phases', 'fit_phases', 'fine_tune',
+           'precision_settings', 'small_cnn']
 
 # %% ../nbs/03_model.ipynb #d1b3622a
 _log = get_logger('model')
@@ -343,11 +344,21 @@ def unfreeze_top_blocks(model: keras.Model, n: int, train_bn: bool = False) -> l
 # %% ../nbs/03_model.ipynb #2ae273c4
 def use_mixed_precision(enable: bool = True, # False restores the float32 policy
                        ) -> str:
-    "Set Keras's global dtype policy to 'mixed_float16' when a GPU is present; returns the policy in effect."
+    "Set Keras's global dtype policy to 'mixed_float16' when a GPU is present; returns it (a run uses `train.mixed_precision`)."
     policy = 'mixed_float16' if enable and tf.config.list_physical_devices('GPU') else 'float32'
     if enable and policy == 'float32': _log.info('no GPU found: mixed precision stays off (float32)')
     keras.mixed_precision.set_global_policy(policy)
     return policy
+
+# %% ../nbs/03_model.ipynb #9f5076b9
+@contextlib.contextmanager
+def _dtype_policy(mixed: bool|None, # True: 'mixed_float16'; False: 'float32'; None: leave the global policy as it is
+                 ):
+    "Keras's global dtype policy for a build: mixed, float32 or unchanged inside the block; the previous one afterwards."
+    old = keras.mixed_precision.global_policy()
+    if mixed is not None: keras.mixed_precision.set_global_policy('mixed_float16' if mixed else 'float32')
+    try: yield keras.mixed_precision.global_policy()
+    finally: keras.mixed_precision.set_global_policy(old)
 
 # %% ../nbs/03_model.ipynb #3602893b
 def _scope(strategy):
@@ -362,7 +373,7 @@ def build_model(name: str = 'resnet50', # backbone: 'resnet50', 'vgg16', 'vgg19'
                 dropout: float|None = None, # dropout rate of the head; None = the head's paper default
                 freeze: int|str = 'base', # 'base', 'none', or the number of top blocks left trainable
                 dense_units: int|None = None, # hidden width of the 'avgpool_dense'/'dense512_bn' heads
-                mixed_precision: bool = False, # use float16 compute on GPU (float32 output)
+                mixed_precision: bool|None = None, # True: float16 compute, float32 output; False: float32; None: the global policy
                 strategy: tf.distribute.Strategy|None = None, # build under this strategy's scope
                 bn_momentum: float = 0.9, # BatchNorm moving-average momentum when `weights=None` (BN trains)
                ) -> keras.Model:
@@ -376,8 +387,7 @@ def build_model(name: str = 'resnet50', # backbone: 'resnet50', 'vgg16', 'vgg19'
     if min(input_shape[:2]) < spec.min_size:
         raise ConfigError(f"input_shape={input_shape}: {name} needs images of at least {spec.min_size}×{spec.min_size} px")
     weights_arg = resolve_weights(name, weights)
-    if mixed_precision: use_mixed_precision()
-    with _scope(strategy):
+    with _dtype_policy(mixed_precision), _scope(strategy):
         app = getattr(keras.applications, spec.app)
         try: backbone = app(include_top=False, weights=weights_arg, input_shape=(*input_shape[:2], 3))
         except (ValueError, OSError, KeyError) as e:
@@ -442,7 +452,9 @@ def compile_model(model: keras.Model,
                   metrics: list|None = None, # None = `default_metrics(n_classes)`
                   loss=None, # None = binary (sigmoid) or sparse categorical (softmax) cross-entropy
                   strategy: tf.distribute.Strategy|None = None, # None = the strategy the model was built under
-                  **kwargs, # passed on to `model.compile` (e.g. jit_compile, steps_per_execution)
+                  jit_compile: bool = False, # compile the training step with XLA (`precision_settings(config)['xla']`)
+                  steps_per_execution: int = 1, # training steps per call into TensorFlow
+                  **kwargs, # passed on to `model.compile`
                  ) -> keras.Model:
     "Compile a `build_model` model with the thesis defaults; returns the model."
     n_classes = int(model.output_shape[-1])
@@ -454,7 +466,8 @@ def compile_model(model: keras.Model,
             if optimizer.lower() == 'sgd': optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum)
             else: optimizer = keras.optimizers.Adam(learning_rate=learning_rate)
         if metrics is None: metrics = default_metrics(n_classes)
-        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, **kwargs)
+        model.compile(optimizer=optimizer, loss=loss, metrics=metrics, jit_compile=jit_compile,
+                      steps_per_execution=int(steps_per_execution), **kwargs)
     return model
 
 # %% ../nbs/03_model.ipynb #f6b2afa9
@@ -600,20 +613,104 @@ def fine_tune(model: keras.Model, # a model from `build_model`
                                                       callbacks=callbacks, verbose=verbose, **fit_kwargs),
                       train_bn=train_bn)
 
+# %% ../nbs/03_model.ipynb #d34bfed2
+def _gpu_capability() -> tuple[int, int]|None:
+    "The lowest compute capability `(major, minor)` of the visible GPUs; None without a GPU, (0, 0) when unknown."
+    caps = []
+    for gpu in tf.config.list_physical_devices('GPU'):
+        try: caps.append(tuple(tf.config.experimental.get_device_details(gpu).get('compute_capability') or (0, 0)))
+        except Exception: caps.append((0, 0))
+    return min(caps) if caps else None
+
+# %% ../nbs/03_model.ipynb #f8e12b1d
+@functools.cache
+def _float16_trains() -> str|None:
+    "None when a tiny conv model trains a step under 'mixed_float16' on this device; else the error (once per process)."
+    try:
+        with _dtype_policy(True):
+            x = keras.Input((8, 8, 1)); h = keras.layers.Conv2D(2, 3, kernel_initializer='ones', name='probe_conv')(x)
+            h = keras.layers.GlobalAveragePooling2D(name='probe_pool')(h)
+            probe = keras.Model(x, keras.layers.Dense(1, 'sigmoid', kernel_initializer='zeros', dtype='float32', name='probe_p')(h))
+        probe.compile(optimizer=keras.optimizers.SGD(0.01), loss='binary_crossentropy')
+        probe.train_on_batch(np.ones((2, 8, 8, 1), 'float32'), np.zeros(2, 'float32'))
+        return None
+    except Exception as e: return f'{type(e).__name__}: {e}'.splitlines()[0][:200]
+
+# %% ../nbs/03_model.ipynb #b6542c72
+@functools.cache
+def _xla_compiles() -> str|None:
+    "None when a `jit_compile=True` convolution compiles and runs on this device; else the error (once per process)."
+    try:
+        conv = tf.function(lambda x, k: tf.nn.relu(tf.nn.conv2d(x, k, 1, 'SAME')), jit_compile=True)
+        conv(tf.ones([1, 8, 8, 1]), tf.ones([3, 3, 1, 2])).numpy()
+        return None
+    except Exception as e: return f'{type(e).__name__}: {e}'.splitlines()[0][:200]
+
+# %% ../nbs/03_model.ipynb #69c32169
+def _mixed_decision(setting, # train.mixed_precision: 'auto', True or False
+                    cap: tuple|None, # `_gpu_capability()`
+                   ) -> tuple[bool, str]:
+    "Whether to use mixed precision, and why."
+    where = ('no GPU' if cap is None else 'a GPU of unknown compute capability' if cap == (0, 0)
+             else f'a GPU of compute capability {cap[0]}.{cap[1]}')
+    fast = cap is not None and tuple(cap) >= (7, 0)
+    if setting is False: return False, 'false in the config: float32'
+    if setting == 'auto':
+        if fast: return True, f'auto: {where} (float16 tensor cores): float16 compute, float32 output'
+        return False, 'auto: no GPU, float32 on the CPU' if cap is None else f'auto: {where} (below 7.0, no fast float16): float32'
+    if fast: return True, f'true in the config, on {where}'
+    if err := _float16_trains(): return False, f'true in the config, but a float16 training step failed on {where} ({err}): float32'
+    return True, f"true in the config, honoured on {where}: slower than float32 there (no float16 tensor cores)"
+
+# %% ../nbs/03_model.ipynb #08277e3b
+def _xla_decision(setting: bool, # train.xla
+                  deterministic: bool, # train.deterministic (TensorFlow's op determinism)
+                 ) -> tuple[bool, str]:
+    "Whether to compile the training step with XLA, and why."
+    if not setting: return False, 'false in the config'
+    if deterministic: return False, ('true in the config, but train.deterministic is true and Keras does not compile with XLA '
+                                     'under op determinism: set train.deterministic: false to use XLA')
+    if err := _xla_compiles(): return False, f'true in the config, but XLA could not compile a convolution here ({err})'
+    return True, 'true in the config: the training step is compiled with XLA (the first epoch pays the compile)'
+
+# %% ../nbs/03_model.ipynb #dc931b03
+_LOGGED = set()
+
+def _log_precision(s: dict, fell_back: bool):
+    "Log a `precision_settings` result once per process for each distinct outcome; a warning when a `true` fell back."
+    if (key := tuple(s.items())) in _LOGGED: return
+    _LOGGED.add(key); on = lambda b: 'on' if b else 'off'
+    (_log.warning if fell_back else _log.info)(f"mixed precision {on(s['mixed_precision'])} ({s['mixed_precision_reason']}); "
+                                               f"XLA {on(s['xla'])} ({s['xla_reason']}); steps_per_execution {s['steps_per_execution']}")
+
+# %% ../nbs/03_model.ipynb #88b99997
+def precision_settings(config: Config, # a resolved Config (load_config)
+                      ) -> dict:
+    "What `train.mixed_precision`, `train.xla` and `train.steps_per_execution` mean on this machine, each with its reason."
+    t = need_config(config, 'precision_settings').train
+    mixed, mixed_why = _mixed_decision(t.mixed_precision, _gpu_capability())
+    xla, xla_why = _xla_decision(bool(t.xla), bool(t.deterministic))
+    s = {'mixed_precision': mixed, 'mixed_precision_reason': mixed_why, 'xla': xla, 'xla_reason': xla_why,
+         'steps_per_execution': int(t.steps_per_execution)}
+    _log_precision(s, fell_back=(t.mixed_precision is True and not mixed) or (bool(t.xla) and not xla))
+    return s
+
 # %% ../nbs/03_model.ipynb #495843bc
 def small_cnn(input_shape: tuple = (64, 64, 1), # (H, W, C) of the float32 [0, 1] input
               blocks: int = 4, # conv → BatchNorm → ReLU → max-pool blocks (pooling stops at 2 px)
               width: int = 8, # filters of the first block, doubled in each following block
               name: str = 'small_cnn', # the model's name
               bn_momentum: float = 0.9, # BatchNorm moving-average momentum (0.9: usable statistics after a short run)
+              mixed_precision: bool|None = None, # True: float16 compute, float32 output; None: the global policy
              ) -> keras.Model:
     "A small CNN with trainable BatchNorm and one sigmoid output: the reference and stand-in model."
-    x = inp = keras.Input(tuple(input_shape), name='images')
-    h = keras.layers.Rescaling(2.0, -1.0)(x)  # [0, 1] → [-1, 1]
-    side = min(input_shape[:2])
-    for b in range(blocks):
-        h = keras.layers.Conv2D(width * 2**b, 3, padding='same', use_bias=False, name=f'conv{b}')(h)
-        h = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=bn_momentum, name=f'bn{b}')(h))
-        if side >= 4: h = keras.layers.MaxPooling2D()(h); side //= 2
-    h = keras.layers.GlobalAveragePooling2D()(h)
-    return keras.Model(inp, keras.layers.Dense(1, activation='sigmoid', name='p')(h), name=name)
+    with _dtype_policy(mixed_precision):
+        x = inp = keras.Input(tuple(input_shape), name='images')
+        h = keras.layers.Rescaling(2.0, -1.0)(x)  # [0, 1] → [-1, 1]
+        side = min(input_shape[:2])
+        for b in range(blocks):
+            h = keras.layers.Conv2D(width * 2**b, 3, padding='same', use_bias=False, name=f'conv{b}')(h)
+            h = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=bn_momentum, name=f'bn{b}')(h))
+            if side >= 4: h = keras.layers.MaxPooling2D()(h); side //= 2
+        h = keras.layers.GlobalAveragePooling2D()(h)
+        return keras.Model(inp, keras.layers.Dense(1, activation='sigmoid', dtype='float32', name='p')(h), name=name)

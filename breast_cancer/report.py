@@ -16,6 +16,7 @@ from .core import (BreastCancerError, ConfigError, DataError, atomic_write_csv, 
                    get_logger, package_dir, path_inside, reports_dir, sample_dir)
 from .config import config_path
 from .data import DATASETS as _REGISTRY
+from .evaluate import precision_facts
 from .rundir import RunDir
 
 
@@ -623,7 +624,7 @@ def _machine_facts(meta: dict, # a run's metadata (`RunDir.read_metadata`)
 # %% ../nbs/07_report.ipynb #c59335a4
 def reproducibility_block(run_dir, # a run folder: its metadata, config and test predictions, read through `RunDir`
                          ) -> str:
-    "Markdown (every value escaped, `metrics.markdown_table`): git commit, config and manifest hashes, packages, hardware, seeds, wall time and the predictions file of a run."
+    "Markdown (every value escaped, `metrics.markdown_table`): git commit, config and manifest hashes, packages, hardware, precision and XLA, seeds, wall time and the predictions file of a run."
     run = RunDir(run_dir)
     meta = run.read_metadata()
     cfg = run.read_config() if run.exists() else {}
@@ -632,7 +633,7 @@ def reproducibility_block(run_dir, # a run folder: its metadata, config and test
             ('config hash', f"{meta.get('config_hash', '?')} ({run.config_file})"),
             ('manifest hash', f"{meta.get('manifest_hash', '?')} ({meta.get('n_images', '?')} images, labels {meta.get('label_counts', {})})"),
             ('seeds', f"run seed {cfg.get('seed', '?')}; deterministic ops {(cfg.get('train') or {}).get('deterministic', '?')}"),
-            *_machine_facts(meta),
+            *_machine_facts(meta), *precision_facts(meta),
             ('predictions', str(pred) if pred.exists() else 'not written')]
     return markdown_table(pd.DataFrame(rows, columns=['', '']))
 

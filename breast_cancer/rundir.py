@@ -4,16 +4,17 @@
 
 # %% ../nbs/00b_rundir.ipynb #80984a56
 from __future__ import annotations
-import json, os, shutil
+import json, os, platform, shutil, subprocess
 from pathlib import Path
 import pandas as pd
 from fastcore.basics import patch
 from .core import (DataError, TrainingError, atomic_path, atomic_write_text, atomic_write_csv, read_csv_safe,
-                                folder_lock, runs_dir, check_name)
+                                folder_lock, runs_dir, check_name, config_hash, project_root)
 from .config import Config, load_config
 
 # %% auto #0
-__all__ = ['STAGES', 'PHASES', 'PREDICTION_FILES', 'StageDir', 'ModelDir', 'RunDir']
+__all__ = ['STAGES', 'PHASES', 'PREDICTION_FILES', 'StageDir', 'ModelDir', 'RunDir', 'package_versions', 'git_commit',
+           'hardware_info', 'manifest_hash']
 
 # %% ../nbs/00b_rundir.ipynb #defdc44c
 STAGES = ('stage1', 'stage2')  # stage 1: normal vs abnormal; stage 2: benign vs malignant
@@ -307,3 +308,49 @@ def metrics_file(self: RunDir, which: str = 'test', # 'test' or 'oof' (or the pr
 def write_model_card(self: RunDir, text: str) -> Path:
     "Write `MODEL_CARD.md` (Markdown made by `evaluate.model_card`)."
     return atomic_write_text(self.model_card_file, text)
+
+# %% ../nbs/00b_rundir.ipynb #19771e00
+_PACKAGES = ('breast_cancer', 'tensorflow', 'tensorflow-cpu', 'keras', 'numpy', 'pandas', 'scikit-learn', 'PyWavelets',
+             'scikit-image', 'pydicom', 'Pillow', 'PyYAML')  # the packages a run records
+
+# %% ../nbs/00b_rundir.ipynb #8d042401
+def package_versions() -> dict:
+    "Installed versions of the packages a run depends on (None when absent)."
+    from importlib.metadata import version, PackageNotFoundError
+    out = {}
+    for p in _PACKAGES:
+        try: out[p] = version(p)
+        except PackageNotFoundError: out[p] = None
+    return out
+
+# %% ../nbs/00b_rundir.ipynb #f6a88fb9
+def git_commit() -> str|None:
+    "The git commit of the repository this package runs from, with `+dirty` when it has changes, or None."
+    root = project_root()
+    if root is None: return None
+    try:
+        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha + ('+dirty' if dirty else '')) or None
+    except Exception: return None
+
+# %% ../nbs/00b_rundir.ipynb #bdd7a0c7
+def hardware_info() -> dict:
+    "CPU, memory and TensorFlow devices of this machine."
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices('GPU')
+    info = {'platform': platform.platform(), 'python': platform.python_version(), 'processor': platform.processor() or platform.machine(),
+            'cpu_count': os.cpu_count(), 'tf_devices': [d.name for d in tf.config.list_physical_devices()], 'gpus': []}
+    for g in gpus:
+        try: info['gpus'].append(tf.config.experimental.get_device_details(g).get('device_name', g.name))
+        except Exception: info['gpus'].append(g.name)
+    return info
+
+# %% ../nbs/00b_rundir.ipynb #7aeccce1
+_HASH_COLUMNS = ['dataset', 'image_id', 'image_path', 'patient_id', 'label']
+
+def manifest_hash(manifest: pd.DataFrame) -> str:
+    "A stable hash of a manifest's identity columns (dataset, image_id, image_path, patient_id, label), row order ignored."
+    cols = [c for c in _HASH_COLUMNS if c in manifest]
+    rows = sorted(map(tuple, manifest[cols].astype(str).to_numpy().tolist()))
+    return config_hash(rows, n=32)

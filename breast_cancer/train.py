@@ -4,16 +4,19 @@
 
 # %% ../nbs/04_train.ipynb #0be3eecc
 from __future__ import annotations
-import datetime, json, math, os, platform, subprocess
+import datetime, json, math, os
 from pathlib import Path
 import numpy as np, pandas as pd
 import keras
 from .core import (ConfigError, DataError, TrainingError, atomic_write_text, config_hash,
                                 get_logger, moved_names, path_inside, project_root, runs_dir, seed_everything)
 from . import data as bc_data
+from . import augment as bc_augment
+from .cache import cache_layouts, batch_dtype, read_cached_tf, stack_cached, hold_in_memory
 from .config import SCHEMA, Config, load_config  # re-exported: they lived here before the config module
 from .config import need_config
 from .rundir import STAGES, RunDir, StageDir
+from .rundir import package_versions, git_commit, hardware_info, manifest_hash  # re-exported: they lived here before
 from .distribute import (  # re-exported: they lived here before the distribute module
     strategy_kind, distribute_strategy, distribute_scope, split_cpu, global_batch_size, lr_factor,
     distribute_info, is_chief, worker_run_dir, from_chief, sync_from_chief, weights_checksum, fit_distributed,
@@ -22,21 +25,22 @@ from .augment import augment_batch, batch_seed  # re-exported: augment_batch liv
 
 # %% auto #0
 __all__ = ['TARGETS', 'load_manifest', 'wavelet_preprocessor', 'image_transform', 'cache_manifest', 'roi_boxes', 'class_weights',
-           'oversample_indices', 'target_rows', 'make_dataset', 'package_versions', 'git_commit', 'hardware_info',
-           'manifest_hash', 'run_metadata', 'init_run_dir', 'save_model_atomic', 'AtomicModelCheckpoint', 'EpochBackup',
-           'clr_schedule', 'compile_for_config', 'LearningRateLogger', 'InputImagesLogger', 'MLflowLogger',
-           'tracking_callbacks', 'stage_datasets', 'history_from_csv', 'ensure_split', 'train', 'read_tensorboard',
-           'stage_done', 'SCHEMA', 'Config', 'load_config', 'strategy_kind', 'distribute_strategy', 'distribute_scope',
-           'split_cpu', 'global_batch_size', 'lr_factor', 'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief',
-           'sync_from_chief', 'weights_checksum', 'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs',
-           'launch_workers', 'worker_command', 'augment_batch']
+           'oversample_indices', 'target_rows', 'make_dataset', 'run_metadata', 'init_run_dir', 'save_model_atomic',
+           'AtomicModelCheckpoint', 'EpochBackup', 'clr_schedule', 'compile_for_config', 'LearningRateLogger',
+           'InputImagesLogger', 'MLflowLogger', 'tracking_callbacks', 'stage_datasets', 'history_from_csv',
+           'ensure_split', 'train', 'read_tensorboard', 'stage_done', 'SCHEMA', 'Config', 'load_config',
+           'strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu', 'global_batch_size', 'lr_factor',
+           'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief', 'sync_from_chief', 'weights_checksum',
+           'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs', 'launch_workers', 'worker_command',
+           'augment_batch', 'package_versions', 'git_commit', 'hardware_info', 'manifest_hash']
 
 # %% ../nbs/04_train.ipynb #03677417
 _log = get_logger('train')
 _all_ = ['SCHEMA', 'Config', 'load_config', 'strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu',
          'global_batch_size', 'lr_factor', 'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief',
          'sync_from_chief', 'weights_checksum', 'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs',
-         'launch_workers', 'worker_command', 'augment_batch']  # the names imported above, re-exported
+         'launch_workers', 'worker_command', 'augment_batch',
+         'package_versions', 'git_commit', 'hardware_info', 'manifest_hash']  # the names imported above, re-exported
 # the benchmarks moved to `bench`, later in the chain: looked up there on first use
 __getattr__ = moved_names('breast_cancer.train', {'learnability': 'bench',
                                              'synthetic_task': 'bench', 'add_lesion': 'bench',
@@ -80,6 +84,11 @@ def _cache_size(c: Config):
     if c.data.cache_size is not None: return c.data.cache_size
     return None if c.data.input == 'roi' else c.data.image_size
 
+# %% ../nbs/04_train.ipynb #fbbf3df5
+def _cache_fit(c: Config) -> str|None:
+    "How the cache makes a whole image square (`data.resize`) when it stores the model's input size; None when the pipeline resizes."
+    return c.data.resize if c.data.input != 'roi' and _cache_size(c) == c.data.image_size else None
+
 # %% ../nbs/04_train.ipynb #9682d048
 def _has_roi_file(manifest, c: Config) -> np.ndarray:
     "Rows whose ROI is a file of its own (CBIS-DDSM `roi_path`), used whole in ROI mode."
@@ -97,7 +106,7 @@ def cache_manifest(manifest: pd.DataFrame, # a manifest (data contract)
     src, roi_file = manifest, _has_roi_file(manifest, c)
     if roi_file.any(): src = manifest.assign(image_path=np.where(roi_file, manifest.get('roi_path'), manifest['image_path']))
     out = bc_data.cache_images(src, size=_cache_size(c), transform=image_transform(c), progress=progress,
-                               nonfinite=c.data.nonfinite, verify=verify)
+                               nonfinite=c.data.nonfinite, verify=verify, fit=_cache_fit(c))
     return manifest.assign(cache_path=out['cache_path'].to_numpy())
 
 # %% ../nbs/04_train.ipynb #0f5a757d
@@ -127,20 +136,32 @@ def roi_boxes(manifest: pd.DataFrame, # manifest with a `lesions` column
     side = float(np.median(sizes)) if sizes else -1.0
     return np.array([b if b is not None else (-side, -side, -side, -side) for b in boxes], dtype=np.float32).reshape(-1, 4)
 
-# %% ../nbs/04_train.ipynb #a2c065d2
-def _load_one(path, box, channels, roi):
-    img = np.asarray(bc_data.load_cached(path.decode() if isinstance(path, bytes) else str(path)), dtype=np.float32)
-    if img.ndim == 2: img = img[..., None]
-    if roi:
-        h, w = img.shape[:2]; t, l, b, r = (float(x) for x in box)
-        if t < 0:  # centred square of side -t
-            side = min(-t, h, w); t, l = (h - side) / 2, (w - side) / 2; b, r = t + side, l + side
-        t, l = int(max(0, math.floor(t))), int(max(0, math.floor(l)))
-        b, r = int(min(h, math.ceil(b))), int(min(w, math.ceil(r)))
-        if b - t >= 2 and r - l >= 2: img = img[t:b, l:r]
-    if img.shape[-1] != channels:
-        img = np.repeat(img[..., :1], channels, -1) if channels == 3 else img.mean(-1, keepdims=True)
-    return np.ascontiguousarray(img, dtype=np.float32)
+# %% ../nbs/04_train.ipynb #879a3865
+def _roi_crop(img, # one image (H, W, C), any dtype
+              box, # (top, left, bottom, right) in pixels, or a centred square of side -top when top < 0
+             ):
+    "The box of `img` (rounded outwards, inside the image); the whole image when the box is under 2 pixels."
+    import tensorflow as tf
+    h, w = tf.cast(tf.shape(img)[0], tf.float32), tf.cast(tf.shape(img)[1], tf.float32)
+    side = tf.minimum(-box[0], tf.minimum(h, w)); centred = box[0] < 0
+    t, l = tf.where(centred, (h - side) / 2, box[0]), tf.where(centred, (w - side) / 2, box[1])
+    b, r = tf.where(centred, t + side, box[2]), tf.where(centred, l + side, box[3])
+    t, l = tf.cast(tf.maximum(0., tf.floor(t)), tf.int32), tf.cast(tf.maximum(0., tf.floor(l)), tf.int32)
+    b, r = tf.cast(tf.minimum(h, tf.math.ceil(b)), tf.int32), tf.cast(tf.minimum(w, tf.math.ceil(r)), tf.int32)
+    return tf.cond((b - t >= 2) & (r - l >= 2), lambda: img[t:b, l:r], lambda: img)
+
+# %% ../nbs/04_train.ipynb #c7db4f26
+def _channels(x, # an image (H, W, C) or a batch (B, H, W, C); uint8, uint16 or float32
+              ch: int, # 1 or 3
+             ):
+    "`x` with `ch` channels: grey replicated to RGB, RGB averaged to grey (rounded for integers)."
+    import tensorflow as tf
+    if x.shape[-1] == ch: return x
+    if ch == 3:   # the channel count may be known only when the graph runs (a pipeline over grey and RGB files)
+        rgb = lambda: tf.tile(x[..., :1], [1] * (len(x.shape) - 1) + [3])
+        return tf.ensure_shape(rgb() if x.shape[-1] == 1 else tf.cond(tf.shape(x)[-1] == 3, lambda: x, rgb), x.shape[:-1].concatenate([3]))
+    m = tf.reduce_mean(tf.cast(x, tf.float32), -1, keepdims=True)
+    return m if x.dtype == tf.float32 else tf.cast(tf.round(m), x.dtype)
 
 # %% ../nbs/04_train.ipynb #81916a7f
 def class_weights(y) -> dict:
@@ -190,6 +211,40 @@ def _epoch_rows(n: int, seed: int, epoch, rows_per_epoch: int|None = None):
     if rows_per_epoch is None: return start.flat_map(one_epoch)  # one epoch per iteration (Keras re-iterates each epoch)
     return start.flat_map(plain(lambda s: tf.data.Dataset.range(s, 2**62))).flat_map(one_epoch)
 
+# %% ../nbs/04_train.ipynb #d95bcf5e
+def _augment_on(config: Config) -> tuple[str, str]:
+    "Where training augmentation runs ('cpu' or 'device') and why: `augment.augment_place` (multi-worker runs: the CPU)."
+    c = need_config(config, '_augment_on')
+    if strategy_kind(c) == 'multi_worker':   # distribute.fit_distributed runs its own step, not the model's train_step
+        return 'cpu', 'multi-worker training runs its own training step, which does not augment: augmenting in tf.data'
+    return bc_augment.augment_place(c, distribute_strategy(c).num_replicas_in_sync)
+
+# %% ../nbs/04_train.ipynb #0e484cd3
+def _fits_model(c: Config, layouts) -> bool:
+    "True when every cached image is already the model's input (whole images, `image_size` square, one channel count)."
+    size = c.data.image_size
+    return (c.data.input != 'roi' and all(l.shape[:2] == (size, size) for l in layouts)
+            and len({l.shape[2] if len(l.shape) == 3 else 1 for l in layouts}) == 1)
+
+# %% ../nbs/04_train.ipynb #90e609de
+def _resize(img, # one float32 image (H, W, C) in [0, 1]
+            size: int, # the model's input side
+            resize: str, # `data.resize`: 'pad' (aspect ratio kept, zeros around) or 'stretch'
+           ):
+    "The image at `size`×`size` (antialiased), for ROI crops and caches of another size."
+    import tensorflow as tf
+    img = tf.image.resize_with_pad(img, size, size, antialias=True) if resize == 'pad' else tf.image.resize(img, [size, size], antialias=True)
+    return tf.clip_by_value(img, 0.0, 1.0)
+
+# %% ../nbs/04_train.ipynb #dc764401
+def _images_in_memory(files: list, layouts: dict, dtype):
+    "The decoded images of `files` as one tensor (N, H, W, C) of `dtype` (`cache.stack_cached`), logged."
+    import tensorflow as tf
+    _bytes = lambda n: f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+    out = stack_cached(files, layouts, dtype)
+    _log.info(f'holding {len(files):,} training images ({_bytes(out.nbytes)} {np.dtype(dtype).name}) in memory')
+    return tf.convert_to_tensor(out)
+
 # %% ../nbs/04_train.ipynb #90bff108
 def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); cached if it has no `cache_path`
                  config: Config, # a resolved Config (load_config)
@@ -199,104 +254,80 @@ def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); ca
                  labels: bool = True, # yield (x, y) pairs; False yields x only
                  epoch = 0, # training order and augmentation of this epoch: an int, or a tf.Variable (read as iteration starts)
                 ):
-    "A batched, prefetched `tf.data.Dataset` of (image, label) from a manifest, preprocessed as the config says."
+    "A batched, prefetched `tf.data.Dataset` of (image, label): float32 in [0, 1], or the raw cached integers when training augments on the device."
     import tensorflow as tf
     c = need_config(config, 'make_dataset')
     if 'cache_path' not in manifest: manifest = cache_manifest(manifest, c)
     df, y = target_rows(manifest, target) if labels else (manifest, np.zeros(len(manifest), np.float32))
     if len(df) == 0: raise DataError(f"no rows to feed for target '{target}' (training={training}): check the split and labels")
-    paths = df['cache_path'].astype(str).to_numpy()
-    bad = [(p, why) for p in dict.fromkeys(paths) if (why := bc_data.cache_file_problem(p))]
-    if bad:  # checked here, so that TensorFlow never meets a damaged file (it would fail with a graph error instead)
-        raise DataError(f"{len(bad)} cached image(s) are missing or damaged: {'; '.join(f'{p} ({w})' for p, w in bad[:3])}"
-                        f"{' ...' if len(bad) > 3 else ''}; run `breast-cancer prepare --config ...` again: it rebuilds them")
+    paths = df['cache_path'].astype(str).to_numpy(); layouts = cache_layouts(paths); files = list(layouts)
     roi = c.data.input == 'roi'
     boxes = roi_boxes(df, c.data.roi_context) if roi else np.zeros((len(df), 4), np.float32)
     boxes[_has_roi_file(df, c)] = (0, 0, 1e9, 1e9)  # an ROI file is the region itself: keep it whole
     if training and labels and c.train.class_imbalance == 'oversample':
         ix = oversample_indices(y, c.seed); paths, y, boxes = paths[ix], y[ix], boxes[ix]
-    size, ch, bs = c.data.image_size, c.data.channels, batch_size or c.train.batch_size
+    size, ch, bs, aug = c.data.image_size, c.data.channels, batch_size or c.train.batch_size, c.train.augment
+    fast, dtype = _fits_model(c, layouts.values()), batch_dtype(layouts.values())
+    raw = training and dtype.kind == 'u' and _augment_on(c)[0] == 'device'   # the training step scales and augments
+    shapes = [tuple(layouts[p].shape) + (1,) * (3 - len(layouts[p].shape)) for p in files]
+    held = (_images_in_memory(files, layouts, dtype) if training and fast and
+            hold_in_memory(c.data.cache_in_memory, len(files) * int(np.prod(shapes[0])) * dtype.itemsize) else None)
+    if training and not fast and c.data.cache_in_memory is True:
+        _log.warning('data.cache_in_memory is true, but these cached images are not the model input (ROI crops, or another '
+                     'data.cache_size): they are read from their files, then cropped and resized one by one')
+    kinds = sorted({l.dtype.name for l in layouts.values()}); dts = [tf.as_dtype(k) for k in kinds]
+    F, S, O = tf.constant(files), tf.constant(shapes, tf.int64), tf.constant([layouts[p].offset for p in files], tf.int64)
+    K = tf.constant([kinds.index(layouts[p].dtype.name) for p in files], tf.int32)
+    row_file = {p: k for k, p in enumerate(files)}
+    U, B, Y = tf.constant([row_file[p] for p in paths], tf.int64), tf.constant(boxes), tf.constant(y)
     plain = tf.autograph.experimental.do_not_convert  # plain TF ops: no autograph (faster tracing, no source lookup)
     @plain
-    def load(p, b, t, *key):
-        img = tf.numpy_function(lambda p, b: _load_one(p, b, ch, roi), [p, b], tf.float32)
-        img.set_shape([None, None, ch])
-        if c.data.resize == 'pad': img = tf.image.resize_with_pad(img, size, size, antialias=True)
-        else: img = tf.image.resize(img, [size, size], antialias=True)
-        return (tf.clip_by_value(img, 0.0, 1.0), t, *key)
-    aug = c.train.augment
+    def load(i, t, key):   # one row: its file's pixels, cropped and resized unless the cache holds the model input already
+        u = tf.gather(U, i); img = read_cached_tf(tf.gather(F, u), tf.gather(O, u), tf.gather(S, u), tf.gather(K, u), dts,
+                                          tf.as_dtype(dtype) if fast else tf.float32)
+        if fast: return tf.ensure_shape(img, [size, size, shapes[0][2]]), t, key
+        img = _resize(_channels(_roi_crop(img, tf.gather(B, i)) if roi else img, ch), size, c.data.resize)
+        return (tf.cast(tf.round(img * float(np.iinfo(dtype).max)), dtype) if raw else img), t, key
     @plain
-    def augment(x, t, key):  # one stateless seed per (epoch, position of the batch's first row)
-        return (augment_batch(x, aug, batch_seed(c.seed, key[0, 0], key[0, 1])) if aug['enabled'] else x), t
+    def finish(x, t, key):   # one batch: channels, then (unless the device does it) scale in one op and augment
+        x = _channels(x, ch)
+        if raw: return x, t
+        if not training: return bc_augment.to_unit_float(x), t
+        return bc_augment.scale_and_augment(x, aug, batch_seed(c.seed, key[0, 0], key[0, 1])), t
     if training:  # shuffle the (cheap) row numbers, not decoded images: memory stays flat for large datasets
         per_epoch = None if c.train.steps_per_epoch is None else c.train.steps_per_epoch * bs
-        P, B, Y = tf.constant(paths), tf.constant(boxes), tf.constant(y)
-        ds = _epoch_rows(len(paths), c.seed, epoch, per_epoch).map(
-            plain(lambda e, j, i: (tf.gather(P, i), tf.gather(B, i), tf.gather(Y, i), tf.stack([e, j]))))
-    else: ds = tf.data.Dataset.from_tensor_slices((paths, boxes, y))
-    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(bs, drop_remainder=False)
-    if training:
-        ds = ds.map(augment, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-        if per_epoch is None: ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(paths) / bs)))
+        ds = _epoch_rows(len(paths), c.seed, epoch, per_epoch).map(plain(lambda e, j, i: (i, tf.gather(Y, i), tf.stack([e, j]))))
+    else: ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), y, np.zeros((len(paths), 2), np.int64)))
+    if held is not None: ds = ds.batch(bs).map(plain(lambda i, t, key: (tf.gather(held, tf.gather(U, i)), t, key)))
+    else: ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(bs)
+    ds = ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if training and per_epoch is None: ds = ds.apply(tf.data.experimental.assert_cardinality(math.ceil(len(paths) / bs)))
     if not labels: ds = ds.map(plain(lambda x, t: x))
     return ds.prefetch(tf.data.AUTOTUNE)
 
-# %% ../nbs/04_train.ipynb #19771e00
-_PACKAGES = ('breast_cancer', 'tensorflow', 'tensorflow-cpu', 'keras', 'numpy', 'pandas', 'scikit-learn', 'PyWavelets',
-             'scikit-image', 'pydicom', 'Pillow', 'PyYAML')  # the packages a run records
-
-# %% ../nbs/04_train.ipynb #8d042401
-def package_versions() -> dict:
-    "Installed versions of the packages a run depends on (None when absent)."
-    from importlib.metadata import version, PackageNotFoundError
-    out = {}
-    for p in _PACKAGES:
-        try: out[p] = version(p)
-        except PackageNotFoundError: out[p] = None
-    return out
-
-# %% ../nbs/04_train.ipynb #f6a88fb9
-def git_commit() -> str|None:
-    "The git commit of the repository this package runs from, with `+dirty` when it has changes, or None."
-    root = project_root()
-    if root is None: return None
-    try:
-        sha = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
-        return (sha + ('+dirty' if dirty else '')) or None
-    except Exception: return None
-
-# %% ../nbs/04_train.ipynb #bdd7a0c7
-def hardware_info() -> dict:
-    "CPU, memory and TensorFlow devices of this machine."
-    import tensorflow as tf
-    gpus = tf.config.list_physical_devices('GPU')
-    info = {'platform': platform.platform(), 'python': platform.python_version(), 'processor': platform.processor() or platform.machine(),
-            'cpu_count': os.cpu_count(), 'tf_devices': [d.name for d in tf.config.list_physical_devices()], 'gpus': []}
-    for g in gpus:
-        try: info['gpus'].append(tf.config.experimental.get_device_details(g).get('device_name', g.name))
-        except Exception: info['gpus'].append(g.name)
+# %% ../nbs/04_train.ipynb #7acde24f
+def _pipeline_info(c: Config, manifest: pd.DataFrame|None) -> dict:
+    "The `pipeline` block of a run's metadata: where augmentation runs and why, the cached pixels' dtype, whether training holds them in RAM."
+    on, why = _augment_on(c)
+    info = {'augment_on': on, 'augment_reason': why, 'cache_dtype': None, 'cache_in_memory': False}
+    if manifest is None or 'cache_path' not in manifest: return info
+    rows = manifest[manifest['split'] == 'train'] if 'split' in manifest else manifest
+    layouts = list(cache_layouts(rows['cache_path'].astype(str)).values())
+    if not layouts: return info
+    dtype = batch_dtype(layouts); info['cache_dtype'] = dtype.name
+    info['cache_in_memory'] = _fits_model(c, layouts) and hold_in_memory(c.data.cache_in_memory, sum(int(np.prod(l.shape)) for l in layouts) * dtype.itemsize)
     return info
-
-# %% ../nbs/04_train.ipynb #7aeccce1
-_HASH_COLUMNS = ['dataset', 'image_id', 'image_path', 'patient_id', 'label']
-
-def manifest_hash(manifest: pd.DataFrame) -> str:
-    "A stable hash of a manifest's identity columns (dataset, image_id, image_path, patient_id, label), row order ignored."
-    cols = [c for c in _HASH_COLUMNS if c in manifest]
-    rows = sorted(map(tuple, manifest[cols].astype(str).to_numpy().tolist()))
-    return config_hash(rows, n=32)
 
 # %% ../nbs/04_train.ipynb #918cb169
 def run_metadata(config: Config, # a resolved Config (load_config)
                  manifest: pd.DataFrame|None = None, # the run's manifest (hashed and counted)
                 ) -> dict:
-    "The metadata.json of a run: time, config hash, packages, manifest hash and size, git commit, hardware."
+    "The metadata.json of a run: time, config hash, packages, manifest hash and size, git commit, hardware, precision, pipeline."
+    from breast_cancer import model as bc_model
     c = need_config(config, 'run_metadata')
     md = {'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'name': c.name,
           'config_hash': c.hash(), 'packages': package_versions(), 'git_commit': git_commit(), 'hardware': hardware_info(),
-          'distribute': distribute_info(c)}
+          'distribute': distribute_info(c), 'precision': bc_model.precision_settings(c), 'pipeline': _pipeline_info(c, manifest)}
     if manifest is not None:
         md['manifest_hash'] = manifest_hash(manifest); md['n_images'] = int(len(manifest))
         md['label_counts'] = {str(k): int(v) for k, v in manifest['label'].value_counts().items()} if 'label' in manifest else {}
@@ -388,17 +419,25 @@ def _phase_scale(c, phase):
     peak = c.train.clr.maximal_learning_rate
     return 0.1 if ft['lr'] is None or not peak else ft['lr'] / peak
 
+# %% ../nbs/04_train.ipynb #af509946
+def _steps_per_call(k: int, steps: int) -> int:
+    "`train.steps_per_execution` as run: the largest divisor of the epoch's steps up to `k` (Keras rounds an epoch up to whole calls)."
+    d = max(x for x in range(1, min(int(k), int(steps)) + 1) if steps % x == 0)
+    if d != k: _log.warning(f'train.steps_per_execution {k} does not divide the {steps} steps of an epoch: running {d} steps per call')
+    return d
+
 # %% ../nbs/04_train.ipynb #67e001c6
 def compile_for_config(model, # a Keras model
                        config: Config, # a resolved Config (load_config)
                        steps_per_epoch: int, # optimizer steps per epoch (for the CLR step size)
                        phase: str|None = None, # 'finetune' = phase 2 of `train.fine_tune` (lower LR)
                       ):
-    "Compile a model with the config's optimizer, CLR schedule and metrics (accuracy, AUC, precision, sensitivity, specificity)."
+    "Compile a model with the config's optimizer, CLR schedule, metrics, XLA and steps per execution (`model.precision_settings`)."
     from breast_cancer import model as bc_model
-    c = need_config(config, 'compile_for_config')
+    c = need_config(config, 'compile_for_config'); p = bc_model.precision_settings(c)
     return bc_model.compile_model(model, learning_rate=clr_schedule(c, steps_per_epoch, _phase_scale(c, phase)),
-                                  optimizer=c.train.optimizer, momentum=c.train.momentum, metrics=bc_model.default_metrics(1))
+                                  optimizer=c.train.optimizer, momentum=c.train.momentum, metrics=bc_model.default_metrics(1),
+                                  jit_compile=p['xla'], steps_per_execution=_steps_per_call(p['steps_per_execution'], steps_per_epoch))
 
 # %% ../nbs/04_train.ipynb #1d31cb7a
 class LearningRateLogger(keras.callbacks.Callback):
@@ -416,13 +455,13 @@ class LearningRateLogger(keras.callbacks.Callback):
 
 # %% ../nbs/04_train.ipynb #30dd4a9b
 class InputImagesLogger(keras.callbacks.Callback):
-    "Write a few images of the first training batch (augmented, as the network sees them) to TensorBoard, once."
+    "Write a few images of the first training batch (augmented, as the network sees them; raw batches scaled) to TensorBoard, once."
     def __init__(self, log_dir, dataset, n: int = 6): super().__init__(); self.log_dir, self.dataset, self.n = str(log_dir), dataset, n
     def on_train_begin(self, logs=None):
         import tensorflow as tf
         x, y = next(iter(self.dataset.take(1)))
         with tf.summary.create_file_writer(self.log_dir).as_default():
-            tf.summary.image('augmented inputs', tf.clip_by_value(x[:self.n], 0., 1.), step=0, max_outputs=self.n,
+            tf.summary.image('augmented inputs', tf.clip_by_value(bc_augment.to_unit_float(x[:self.n]), 0., 1.), step=0, max_outputs=self.n,
                              description='labels: ' + ', '.join(str(int(v)) for v in np.ravel(y[:self.n])))
 
 # %% ../nbs/04_train.ipynb #d6c8a5ec
@@ -586,6 +625,7 @@ def _train_locked(model, manifest, c: Config, rd: RunDir, stage, target, callbac
     else:
         for f in (sd.best_model, sd.best_meta): f.unlink(missing_ok=True)
     best = AtomicModelCheckpoint(sd.best_model, monitor='val_loss')
+    place, why = _augment_on(c); _log.info(f'{stage}: augmentation runs on the {place} ({why})')
     shown = train_ds if isinstance(train_ds, tf.data.Dataset) else make_dataset(train_rows, c, training=True, target=target)  # multi-worker: a local copy to show
     tracking = tracking_callbacks(c, rd.path, stage, shown)  # TensorBoard (+ MLflow): scalars, per-step LR, input images
     weights = class_weights(y_train) if c.train.class_imbalance == 'class_weights' and len(np.unique(y_train)) == 2 else None
@@ -601,6 +641,8 @@ def _train_locked(model, manifest, c: Config, rd: RunDir, stage, target, callbac
         if c.train.early_stopping.enabled:
             cbs.append(keras.callbacks.EarlyStopping(monitor=c.train.early_stopping.monitor, patience=c.train.early_stopping.patience))
         cbs += list(callbacks or []) + [EpochBackup(sd, name)]   # last: the epoch's rows and checkpoint are on disk before it
+        if place == 'device':   # the step scales and augments the raw batches; first, so its epoch is set before any other callback
+            cbs.insert(0, bc_augment.install_device_augmentation(m, c, global_batch_size(c)))   # per phase: each recompiles
         return fit_function(m, c, steps)(train_ds, validation_data=val_ds, initial_epoch=first, epochs=last, steps_per_epoch=c.train.steps_per_epoch,
                      validation_steps=c.train.validation_steps, class_weight=weights, callbacks=cbs, verbose=verbose)
     histories = bc_model.fit_phases(model, phases, lambda m, _, name: compile_for_config(m, c, steps, phase=name), fit,

@@ -4,7 +4,7 @@ from tests/test_train.py with `bench_learn`). Tiny: seconds each, apart from the
 import argparse, subprocess, sys
 import pytest
 
-from breast_cancer import bench
+from breast_cancer import bench, speed
 from breast_cancer.cli import build_parser, main
 
 CLI = 'import sys; from breast_cancer.cli import main; sys.exit(main(sys.argv[1:]))'
@@ -60,12 +60,14 @@ def test_aliases_are_exported():
 # ---------------------------------------------------------------- the command line
 def test_each_benchmark_has_only_its_own_flags():
     parsers = _bench_parsers()
-    assert list(parsers) == ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'pipeline', 'distribute']
+    assert list(parsers) == ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'pipeline', 'distribute', 'gpu']
     assert _flags(parsers['cache-scale']) == {'--films', '--size', '--n', '--workers', '--repeats', '--fill-repeats', '--film-shape'}
     assert _flags(parsers['learn']) == {'--config', '--models', '--steps', '--every', '--size', '--batch-size', '--task', '--amplitude', '--kind', '--time-limit', '--record'}
     assert _flags(parsers['wavelet']) == {'--n', '--size', '--workers', '--sigma', '--repeats'}
     assert [n for n, p in parsers.items() if '--films' in _flags(p)] == ['cache-scale']
-    assert [n for n, p in parsers.items() if '--config' in _flags(p)] == ['learn', 'pipeline', 'distribute']
+    assert [n for n, p in parsers.items() if '--config' in _flags(p)] == ['learn', 'pipeline', 'distribute', 'gpu']
+    assert _flags(parsers['pipeline']) == {'--config', '--size', '--batch-size', '--steps', '--warmup', '--repeats', '--model-steps', '--backbone'}
+    assert _flags(parsers['gpu']) == {'--config', '--sizes', '--batch-size', '--steps', '--max-batch', '--out', '--backbone'}
 
 
 def test_flags_take_the_functions_defaults_and_types():
@@ -74,6 +76,10 @@ def test_flags_take_the_functions_defaults_and_types():
     assert (a.bench, a.config, a.steps, a.eval_every, a.image_size, a.models) == ('learn', 'demo', 200, 20, None, ('backbone', 'small_cnn'))
     a = p.parse_args(['bench', 'cache-scale', '--film-shape', '240x150', '--n', '60'])
     assert (a.film_shape, a.n_patches, a.films) == ((240, 150), 60, 128)
+    a = p.parse_args(['bench', 'pipeline'])
+    assert (a.size, a.batch_size, a.model_steps) == (None, 32, 3)            # None: both 224 and 512 px
+    a = p.parse_args(['bench', 'gpu', '--sizes', '32,64', '--max-batch', '8'])
+    assert (a.sizes, a.max_batch, a.out, a.steps) == ((32, 64), 8, 'bench_gpu', 10)
     a = p.parse_args(['bench', 'distribute', '--xla', '--size', '32'])
     assert (a.xla, a.mixed_precision, a.image_size, a.backbone) == (True, False, 32, None)
 
@@ -158,3 +164,101 @@ def test_the_demo_preset_holds_the_from_scratch_settings():
     assert c.model.weights is None
     assert (c.train.optimizer, c.train.clr.initial_learning_rate, c.train.clr.maximal_learning_rate) == ('adam', 1e-4, 1e-3)
     assert not hasattr(bench, 'FROM_SCRATCH')
+
+
+# ---------------------------------------------------------------- the GPU path (issue 26): bench pipeline and bench gpu
+TINY_PIPE = {'name': 'tiny', 'data': {'image_size': 32, 'max_images': 8}, 'wavelet': None}
+
+
+def test_bench_pipeline_reports_before_after_model_and_t4_estimates(cache_env, capsys):
+    "A tiny run: both pipelines (the 9e995e8 baseline and make_dataset), the CPU model rate, the ratios, the T4 lines."
+    res = bench.bench_pipeline(TINY_PIPE, size=32, batch_size=4, steps=3, repeats=1, model_steps=1, backbone='small_cnn')
+    assert {'config', 'batch_size', 'cores', 'device', 'backbone', 'results', 'steps', 'warmup'} <= set(res)
+    (r,) = res['results']
+    assert {'size', 'n_images', 'pipeline_images_per_s', 'baseline_images_per_s', 'speedup', 'batch_dtype', 'cache_bytes_per_image',
+            'baseline_cache_bytes_per_image', 'model_images_per_s', 'pipeline_over_model', 't4_lines', 'keeps_t4_busy'} <= set(r)
+    from breast_cancer.config import load_config
+    from breast_cancer.train import load_manifest
+    assert (r['size'], r['n_images'], r['batch_dtype'], res['device']) == (32, len(load_manifest(load_config(TINY_PIPE))), 'float32', 'CPU')
+    assert r['baseline_images_per_s'] > 0 and r['pipeline_images_per_s'] > 0
+    assert r['baseline_cache_bytes_per_image'] > 32 * 32 * 4   # the baseline's cache is float32 at 32 px
+    assert list(r['model_images_per_s']) == ['float32']        # a CPU times float32 only
+    assert r['pipeline_over_model']['float32'] == pytest.approx(r['pipeline_images_per_s'] / r['model_images_per_s']['float32'], rel=0.02)
+    assert len(r['t4_lines']) == 2 and all('estimate, scaled by pixel count' in l for l in r['t4_lines'])
+    assert set(r['keeps_t4_busy']) == {'float32', 'mixed precision'}
+    out = capsys.readouterr().out
+    assert 'pipeline before (9e995e8' in out and 'pipeline after' in out and 'after / before' in out
+    assert 'pipeline / model' in out and 'T4 mixed precision (estimate' in out
+
+
+def test_bench_pipeline_model_steps_0_skips_the_model_and_224_is_unscaled(cache_env, capsys):
+    res = bench.bench_pipeline(TINY_PIPE, size=32, batch_size=4, steps=2, repeats=1, model_steps=0)
+    assert res['results'][0]['model_images_per_s'] == {} and 'not timed (model_steps=0)' in capsys.readouterr().out
+    lines, busy = speed._t4_lines(400.0, 224, 2)
+    assert [l.split(':')[0] for l in lines] == ['T4 float32 (estimate)', 'T4 mixed precision (estimate)']
+    assert busy == {'float32': True, 'mixed precision': False}
+
+
+def test_the_baseline_is_the_old_pipeline(tmp_path):
+    "The baseline reads float32 .npy files through numpy_function, pads to the size and augments per batch (old code path)."
+    from breast_cancer.config import load_config
+    import numpy as np
+    src = tmp_path / 'a.npy'; np.save(src, np.full((20, 10), 200, np.uint8))
+    (old,) = speed._old_cache([src], tmp_path / 'old')
+    assert np.load(old).dtype == np.float32 and np.load(old).max() == pytest.approx(200 / 255)
+    c = speed._bench_config({**TINY_PIPE, 'train': {'augment': {'enabled': False}}}, 16, 2)
+    x = next(iter(speed._old_dataset([old], c))).numpy()
+    assert x.shape == (2, 16, 16, 1) and x.dtype == np.float32
+    assert x[0, :, :4].max() < 0.05 and x[0, 8, 8, 0] == pytest.approx(200 / 255, abs=0.01)   # padded left, image in the middle
+
+
+def test_model_variants_by_device_and_dtype_policy_is_scoped():
+    import keras
+    assert speed._model_variants(False) == [('float32', False, False)]
+    assert [v[0] for v in speed._model_variants(True)] == ['float32', 'mixed precision', 'mixed precision + XLA']
+    assert [v[1:] for v in speed._model_variants(True, every=True)] == [(False, False), (False, True), (True, False), (True, True)]
+    with pytest.raises(RuntimeError):
+        with speed._dtype_policy(True): raise RuntimeError('a variant failed')
+    assert keras.mixed_precision.dtype_policy().name == 'float32'
+
+
+def test_largest_batch_stops_at_the_first_oom():
+    import tensorflow as tf
+    tried = []
+    def fits(b):
+        tried.append(b)
+        try:
+            if b > 100: raise tf.errors.ResourceExhaustedError(None, None, 'OOM when allocating tensor')
+            return True
+        except Exception as e: return not speed._is_oom(e)
+    assert speed._largest_batch(fits, 1024) == 64 and tried == [32, 64, 128]
+    assert speed._largest_batch(lambda b: True, 8) == 8
+
+
+def test_bench_gpu_on_a_cpu_writes_json_and_markdown_and_says_no_gpu(cache_env, tmp_path, capsys):
+    import json
+    out = tmp_path / 'bench_gpu'
+    assert main(['bench', 'gpu', '--config', _yaml(tmp_path), '--sizes', '32', '--steps', '2', '--max-batch', '8',
+                 '--batch-size', '8', '--backbone', 'small_cnn', '--out', str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ['bench_gpu.json', 'bench_gpu.md']
+    res = json.loads((out / 'bench_gpu.json').read_text())
+    assert res['gpu'] is False and res['device'] == 'CPU'
+    assert [(v['variant'], v['images_per_s'] is None) for v in res['variants']] == [
+        ('float32', False), ('float32 + XLA', True), ('mixed precision', True), ('mixed precision + XLA', True)]
+    (feed,) = res['feeds']
+    assert (feed['size'], feed['batch_size'], feed['mixed_precision']) == (32, 8, False)
+    assert feed['constant_images_per_s'] > 0 and feed['pipeline_images_per_s'] > 0
+    md = (out / 'bench_gpu.md').read_text()
+    assert 'No GPU was found' in md and '| 32 | 8 | float32 + XLA | not run: no GPU |' in md
+    assert md.strip() in capsys.readouterr().out
+
+
+def test_bench_gpu_refuses_a_file_as_its_folder(tmp_path, capsys):
+    (tmp_path / 'f').write_text('x')
+    assert main(['bench', 'gpu', '--sizes', '32', '--out', str(tmp_path / 'f')]) == 2
+    assert 'is a file, not a folder' in capsys.readouterr().err
+
+
+def _yaml(tmp_path) -> str:
+    import yaml
+    path = tmp_path / 'tiny.yaml'; path.write_text(yaml.safe_dump(TINY_PIPE)); return str(path)

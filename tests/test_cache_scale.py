@@ -116,8 +116,9 @@ def test_wavelet_at_model_runs_after_resizing(tmp_path, mias_sample):
     a = cache_images(m, size=128, transform=src, cache_root=tmp_path / 'c', workers=1, progress=False)
     b = cache_images(m, size=128, transform=mdl, cache_root=tmp_path / 'c', workers=1, progress=False)
     img = read_image(m.image_path.iloc[0])
-    np.testing.assert_allclose(load_cached(a.cache_path[0]), resize_longer(src(img), 128), atol=1e-6)
-    np.testing.assert_allclose(load_cached(b.cache_path[0]), np.clip(mdl(resize_longer(img, 128)), 0, 1), atol=1e-6)
+    grey = 0.5 / 255 + 1e-6   # an 8-bit source is cached as uint8: within half a grey level
+    np.testing.assert_allclose(load_cached(a.cache_path[0]), resize_longer(src(img), 128), atol=grey)
+    np.testing.assert_allclose(load_cached(b.cache_path[0]), np.clip(mdl(resize_longer(img, 128)), 0, 1), atol=grey)
     assert a.cache_path[0] != b.cache_path[0]
     assert WaveletPreprocessor().at == 'model' and WaveletPreprocessor.from_dict({'at': 'source'}).to_dict()['at'] == 'source'
 
@@ -144,7 +145,7 @@ def test_cache_of_16_bit_films_equals_read_then_resize(tmp_path, window):
         out = cache_images(_manifest(films), size=96, transform=tf, cache_root=tmp_path / 'c', workers=2, progress=False)
         for f, c in zip(films, out.cache_path):
             want = transform_and_resize(read_image(f), 96, tf)
-            np.testing.assert_allclose(load_cached(c), want, atol=1e-5)
+            np.testing.assert_allclose(load_cached(c), want, atol=1e-5 + 0.5 / 65535)   # cached as uint16
 
 @pytest.mark.parametrize('workers', [1, 2])
 def test_ctrl_c_keeps_finished_files_and_resumes(tmp_path, mias_sample, workers):
@@ -181,3 +182,40 @@ def test_bench_cache_cli_prints_same_run_ratios(tmp_path):
     assert r.returncode == 0, r.stderr
     for s in ('× decode (target <= 2)', 'source / model', 'scaling efficiency', 'memory-bound NumPy work', '/s (target >= 2,000)', 'the float32 image', 'load average'):
         assert s in r.stdout, (s, r.stdout)
+
+
+# ---------------------------------------------------------------- issue 26, item 3: the cache in the source's bit depth
+def _source(kind, tmp_path, mias_sample):
+    "An 8-bit PNG (mini-MIAS), a 12-bit-in-16 PGM, or a 16-bit DICOM film; and the dtype the cache must store it in."
+    rng = np.random.default_rng(1)
+    if kind == 'png8': return mias_sample / 'mdb001.png', np.uint8
+    if kind == 'pgm16': return write_pgm(tmp_path / 'f.pgm', rng.integers(0, 4096, (90, 61)).astype(np.uint16), maxval=4095), np.uint16
+    return write_dicom(tmp_path / 'f.dcm', rng.integers(500, 60000, (90, 61)).astype(np.uint16)), np.uint16
+
+@pytest.mark.parametrize('kind', ['png8', 'pgm16', 'dicom16'])
+@pytest.mark.parametrize('fit', [None, 'pad', 'stretch'])
+def test_cache_in_the_source_bit_depth_within_one_grey_level(tmp_path, mias_sample, kind, fit):
+    "Before: float32, 4 bytes a pixel. Now uint8 (a quarter of the bytes) or uint16 (half), within one grey level of the float32 result."
+    from breast_cancer.cache import cache_layout, fit_square
+    src, dtype = _source(kind, tmp_path, mias_sample)
+    p = cache_images(_manifest([src]), size=32, fit=fit, cache_root=tmp_path / 'c', workers=1, progress=False).cache_path[0]
+    want = transform_and_resize(read_image(src), 32)          # what the float32 cache held
+    if fit is not None: want = fit_square(want, 32, fit)       # ... and what the pipeline then made of it
+    stored = np.load(p)
+    assert stored.dtype == dtype and stored.shape == want.shape == ((32, 32) if fit else want.shape)
+    assert np.abs(load_cached(p) - want).max() * np.iinfo(dtype).max <= 1
+    assert (os.path.getsize(p) - cache_layout(p).offset) * (4 // np.dtype(dtype).itemsize) == want.size * 4   # 1/4 or 1/2 of float32
+
+def test_old_float32_cache_files_are_never_read(tmp_path, mias_sample):
+    "The key carries the cache format: the file an earlier version wrote (float32, under the old key) is not the one read now."
+    import hashlib
+    src = mias_sample / 'mdb001.png'; st = os.stat(src)
+    old_key = hashlib.sha256(f'{os.path.abspath(src)}|{st.st_size}|{st.st_mtime_ns}|32|none'.encode()).hexdigest()[:20]
+    p = cache_images(_manifest([src]), size=32, cache_root=tmp_path / 'c', workers=1, progress=False).cache_path[0]
+    assert old_key not in p and np.load(p).dtype == np.uint8
+
+def test_fit_needs_a_size_and_a_known_mode(tmp_path, mias_sample):
+    m = _manifest([mias_sample / 'mdb001.png'])
+    with pytest.raises(ConfigError, match="fit='square': give one of 'pad', 'stretch' with a size"):
+        cache_images(m, size=32, fit='square', cache_root=tmp_path / 'c', workers=1, progress=False)
+    with pytest.raises(ConfigError, match="fit='pad': give one of"): cache_images(m, fit='pad', cache_root=tmp_path / 'c')

@@ -161,3 +161,35 @@ def test_a_bound_worker_port_is_an_error_naming_the_port():
                                 env={**os.environ, 'TF_CONFIG': json.dumps(tf_config)})
         except subprocess.TimeoutExpired: pytest.fail('the worker hung on the bound port')
     assert f'ERROR ConfigError worker 0: port {port} (from TF_CONFIG) is already in use on this machine' in p.stdout, p.stdout + p.stderr[-2000:]
+
+
+# ---------------------------------------------------------------- issue 26: the config's precision and compilation settings
+FAST_WORKER = '''
+import json
+import numpy as np, tensorflow as tf, keras
+from breast_cancer import distribute as D, model
+if __name__ == '__main__':
+    s = tf.distribute.MultiWorkerMirroredStrategy()
+    with s.scope(): net = model.small_cnn((32, 32, 1), mixed_precision=True)
+    model.compile_model(net, 0.01, jit_compile=True, steps_per_execution=2)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((32, 32, 32, 1), dtype='float32'), (rng.random(32) < 0.5).astype('float32')
+    ds = s.experimental_distribute_dataset(tf.data.Dataset.from_tensor_slices((x, y)).repeat().batch(8))
+    h = D.fit_distributed(net, ds, epochs=2, steps_per_epoch=3, verbose=0)
+    print('RESULT', json.dumps({'weights': D.weights_checksum(net), 'iterations': int(net.optimizer.iterations.numpy()),
+                                'optimizer': type(net.optimizer).__name__, 'loss': h.history['loss'],
+                                'output': str(net.output.dtype), 'jit': bool(net.jit_compile)}), flush=True)
+'''
+
+def test_multi_worker_step_with_mixed_precision_xla_and_two_steps_per_call(tmp_path):
+    (tmp_path/'worker.py').write_text(FAST_WORKER)
+    code = ('import sys; from breast_cancer.distribute import launch_workers; '
+            f'sys.exit(launch_workers([sys.executable, {str(tmp_path/"worker.py")!r}], 2))')
+    p = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=600)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    res = [json.loads(r) for r in re.findall(r'\[worker \d\] RESULT (.*)', out)]
+    assert len(res) == 2 and res[0]['weights'] == res[1]['weights'], out[-3000:]   # the workers agree
+    for r in res:
+        assert (r['optimizer'], r['output'], r['jit'], r['iterations']) == ('LossScaleOptimizer', 'float32', True, 6)  # 2 + 1 per epoch
+        assert np.isfinite(r['loss']).all()

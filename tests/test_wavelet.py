@@ -233,7 +233,7 @@ def test_preprocess_manifest_process_pool_and_cache_reuse(mias, tmp_path):
     out = preprocess_manifest(manifest, prep, size=None, workers=2, cache_root=tmp_path, progress=False)
     assert out.cache_path.notna().all()
     for row in out.itertuples():
-        np.testing.assert_allclose(load_cached(row.cache_path), prep(read_image(row.image_path)), atol=1e-6)
+        np.testing.assert_allclose(load_cached(row.cache_path), prep(read_image(row.image_path)), atol=0.5/255 + 1e-6)  # the cache keeps 8 bits
     mtimes = [p.stat().st_mtime_ns for p in map(__import__('pathlib').Path, out.cache_path)]
     again = preprocess_manifest(manifest, prep.to_dict(), workers=2, cache_root=tmp_path, progress=False)
     assert list(again.cache_path) == list(out.cache_path)
