@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 from .core import DataError, file_sha256
 from .metrics import markdown_table
+from .cache import load_cached
 
 # %% auto #0
 __all__ = ['HASH_SIZE', 'NEAR_DUPLICATE_BITS', 'perceptual_hashes', 'hash_distances', 'SplitAudit', 'audit_split', 'audit_html']
@@ -127,7 +128,7 @@ def audit_split(manifest: pd.DataFrame, # a manifest with `split` (train/val/tes
     i, j = np.nonzero(np.triu(same & (split_code[:, None] != split_code[None]), 1))
     exact = _cross_pairs(m, i, j, sha256=digests.iloc[i].to_numpy())
     if read is None:
-        read = (lambda k: np.load(m['cache_path'].iloc[k])) if 'cache_path' in m else (lambda k: read_image(m['image_path'].iloc[k]))
+        read = (lambda k: load_cached(m['cache_path'].iloc[k])) if 'cache_path' in m else (lambda k: read_image(m['image_path'].iloc[k]))
     hashes = perceptual_hashes([read(k) for k in range(len(m))], hash_size)
     dist = hash_distances(hashes, hashes)
     cross = np.triu((split_code[:, None] != split_code[None]) & (dist <= threshold) & ~same, 1)

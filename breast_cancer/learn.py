@@ -129,13 +129,11 @@ def _learn_summary(curve: pd.DataFrame) -> str:
 
 # %% ../nbs/09a_learn.ipynb #42946bcf
 def _learn_net(name: str, c):
-    "A fresh, seeded network for the check: 'backbone' (the config's model) or 'small_cnn' (`model.small_cnn`)."
-    from breast_cancer import model as bc_model
-    shape = (c.data.image_size, c.data.image_size, c.data.channels)
+    "A fresh, seeded network for the check, built as a run builds it (`cascade.build_stage` / `cascade.small_stage`: the config's precision too)."
+    from breast_cancer import cascade as bc_cascade
     seed_everything(c.seed)
-    if name == 'small_cnn': return bc_model.small_cnn(shape)
-    if name == 'backbone': return bc_model.build_model(c.model.backbone, shape, weights=c.model.weights, head=c.model.head,
-                                                       dropout=c.model.dropout, freeze=c.model.freeze)
+    if name == 'small_cnn': return bc_cascade.small_stage(c)
+    if name == 'backbone': return bc_cascade.build_stage(c)
     raise ConfigError(f"bench_learn: unknown model {name!r}: use 'backbone' or 'small_cnn'")
 
 # %% ../nbs/09a_learn.ipynb #0a8de311

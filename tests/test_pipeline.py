@@ -115,3 +115,28 @@ def test_training_with_device_augmentation(rows, tmp_path):
     assert calls == [8, 8] and order == ['augment', 'user'] * 2      # one per phase (head, then fine-tuning), first
     md = T.RunDir(tmp_path / 'run').read_metadata()
     assert md['pipeline']['augment_on'] == 'device' and md['pipeline']['cache_dtype'] == 'uint8' and 'xla' in md['precision']
+
+def test_training_sees_the_same_batches_on_both_paths(rows):
+    """The issue's equivalence, end to end: a model fit on `make_dataset` with the augmentation in its (XLA-compiled) training
+    step sees, batch for batch and epoch for epoch, what the tf.data path feeds for the same seed (to one grey level:
+    both warp 8-bit pixels and truncate, in float arithmetic that may round either way at a boundary)."""
+    import keras
+    from test_augment import Probe   # pytest puts tests/ on the path
+    train = rows[rows.split == 'train']
+    dev = T.load_config(TINY).replace(**{'train.augment.place': 'device', 'train.batch_size': 4})
+    cpu = dev.replace(**{'train.augment.place': 'cpu'})
+    epoch = tf.Variable(0, dtype=tf.int64)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((32, 32, 1)), Probe(), keras.layers.Conv2D(2, 3), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(1, activation='sigmoid')])
+    model.compile(keras.optimizers.SGD(0.01), 'binary_crossentropy', jit_compile=True, steps_per_execution=2)
+    follow = keras.callbacks.LambdaCallback(on_epoch_begin=lambda e, logs: epoch.assign(e))   # what train's _EpochWatch does
+    model.fit(T.make_dataset(train, dev, training=True, epoch=epoch), epochs=2, steps_per_epoch=2, verbose=0,
+              callbacks=[A.install_device_augmentation(model, dev, 4), follow])
+    seen = model.layers[0].seen.numpy()
+    assert int(model.layers[0].calls.numpy()) == 4
+    for e in (0, 1):
+        epoch.assign(e)
+        for k, (x, _) in enumerate(batches(T.make_dataset(train, cpu, training=True, epoch=epoch), 2)):
+            assert x.dtype == tf.float32 and np.abs(x.numpy() - seen[2 * e + k]).max() <= 1 / 255 + 1e-6, (e, k)
+    assert np.abs(seen[0] - seen[2]).max() > 0.1   # another epoch, other augmentation
