@@ -381,7 +381,7 @@ def bench_bootstrap(n_images: int = 3000, # images
                     seed: int = 0, # the data's and the bootstrap's seed
                     compare_sklearn: int = 50, # also time this many replicates with a per-replicate sklearn loop (0 = skip)
                    ) -> dict:
-    "Time `binary_metrics` (all 8 metrics, patient bootstrap) against a naive per-replicate scikit-learn loop; prints and returns the numbers."
+    "Time `binary_metrics` (every metric, patient bootstrap) against a naive per-replicate scikit-learn loop; prints and returns the numbers."
     rng = np.random.default_rng(seed)
     g = rng.integers(0, n_patients, n_images); eff = rng.normal(size=n_patients)
     y = rng.random(n_images) < 1 / (1 + np.exp(-eff[g])); s = 1 / (1 + np.exp(-(eff[g] + rng.normal(size=n_images))))

@@ -20,6 +20,7 @@ from .model import precision_settings, small_cnn
 from .train import (cache_manifest, make_dataset, train, init_run_dir, ensure_split,
                                  image_transform, package_versions, _cache_size, _cache_fit, load_manifest, stage_done,
                                  distribute_scope, _run_folder, from_chief, sync_from_chief)
+from .cache import fit_square, quantize
 
 # %% auto #0
 __all__ = ['PREDICT_EXTRA', 'cascade_labels', 'Cascade', 'build_stage', 'small_stage', 'predictions_frame',
@@ -169,14 +170,14 @@ def fit(self: Cascade, manifest: pd.DataFrame, # manifest; split by patient when
 @patch
 def choose_thresholds(self: Cascade, val_manifest: pd.DataFrame, # validation rows only (split == 'val')
                      ) -> Cascade:
-    "Set both thresholds from validation rows with the config's rule (Youden's J or a target sensitivity)."
+    "Set both thresholds from validation rows with the config's rule (Youden's J, a target sensitivity or a target specificity)."
     t = self.config.thresholds
     if 'split' in val_manifest and (val_manifest['split'] != 'val').any():
         raise DataError("choose_thresholds takes validation rows only (split == 'val'): thresholds must never see test data")
     pa, pm = self.probabilities(val_manifest)
-    if self.stage1 is not None: self.threshold1 = choose_threshold(val_manifest['abnormal'].astype(bool), pa, t.rule, t.target_sensitivity)
+    if self.stage1 is not None: self.threshold1 = choose_threshold(val_manifest['abnormal'].astype(bool), pa, t.rule, t.target_sensitivity, t.target_specificity)
     ab = val_manifest['malignant'].notna().to_numpy()
-    self.threshold2 = choose_threshold(val_manifest['malignant'][ab].astype(bool), pm[ab], t.rule, t.target_sensitivity)
+    self.threshold2 = choose_threshold(val_manifest['malignant'][ab].astype(bool), pm[ab], t.rule, t.target_sensitivity, t.target_specificity)
     _log.info(f'thresholds from {len(val_manifest)} validation rows ({t.rule}): stage 1 {self.threshold1:.3f}, stage 2 {self.threshold2:.3f}')
     return self
 
@@ -197,7 +198,9 @@ def _to_cache(images, config, folder: Path) -> list[str]:
         if a.ndim not in (2, 3) or not np.isfinite(a).all():
             raise DataError(f'image {i}: expected a finite 2-D or H×W×C float array in [0, 1], got shape {a.shape}')
         a = bc_data.transform_and_resize(np.clip(a, 0, 1).astype(np.float32), size, transform)  # as the cache does
-        out[i] = str(folder/f'array-{i:06d}.npy'); np.save(out[i], a)
+        if (fit := _cache_fit(config)) is not None: a = fit_square(a, int(size), fit)
+        eight = np.allclose(np.asarray(im, np.float32) * 255, np.round(np.asarray(im, np.float32) * 255), atol=1e-3)   # an 8-bit image, as read_image gives it
+        out[i] = str(folder/f'array-{i:06d}.npy'); np.save(out[i], quantize(a, np.uint8 if eight else np.uint16))
     return out
 
 # %% ../nbs/05_cascade.ipynb #6a6c9b63

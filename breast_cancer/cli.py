@@ -29,6 +29,8 @@ _EXAMPLES = {  # subcommand: the examples its --help ends with
                'breast-cancer report --datasets mias --config demo --set train.epochs=5'],
     'predict': ['breast-cancer predict --model runs/demo data/mini-mias-256/mdb001.png',
                 'breast-cancer predict --model runs/demo/cascade scans/*.dcm --out predictions.csv'],
+    'split': ['breast-cancer split --config demo --out split.csv',
+              'breast-cancer train --config demo --set data.split_file=split.csv    # train on that split again'],
     'audit': ['breast-cancer audit --config demo', 'breast-cancer audit --manifest my_split.csv --out audit.html'],
     'bench': ['breast-cancer bench wavelet --n 4 --size 512', 'breast-cancer bench cache-scale --films 128 --workers 2',
               'breast-cancer bench learn --config demo --size 64 --every 25 --time-limit 900',
@@ -296,6 +298,22 @@ def _add_audit(sub):
     sp.add_argument('--out', default=None, help='HTML page with thumbnails (default: runs/<name>/audit.html)')
     sp.add_argument('--threshold', type=int, default=40, help='near duplicate: perceptual-hash distance <= this many bits of 256')
 
+# %% ../nbs/08_cli.ipynb #de15aa3e
+def _split(args):
+    from breast_cancer.config import apply_overrides
+    from breast_cancer.core import read_csv_safe
+    from breast_cancer.train import write_split
+    out = write_split(apply_overrides(args.config, args.set), args.out)   # the config, resolved once here
+    s = read_csv_safe(out, dtype=str); n = s['split'].value_counts()
+    print(f"{out}: {len(s)} images, {', '.join(f'{k} {n.get(k, 0)}' for k in ('train', 'val', 'test'))}, {int(s['split'].isna().sum())} excluded")
+
+# %% ../nbs/08_cli.ipynb #c5d6954e
+def _add_split(sub):
+    sp = _subcommand(sub, 'split', _split, 'write the patient split a config trains on (with excluded images and why) to a CSV; reuse it with data.split_file')
+    sp.add_argument('--config', required=True, help=_CONFIG_HELP)
+    sp.add_argument('--set', **_OVERRIDE)
+    sp.add_argument('--out', required=True, help='the CSV to write: dataset, image_id, patient_id, split, exclusion, reason')
+
 # %% ../nbs/08_cli.ipynb #8ee371b9
 _BENCHMARKS = ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'pipeline', 'distribute', 'gpu']
 
@@ -318,7 +336,7 @@ def build_parser(benchmarks: bool = True, # add the benchmarks' own parsers (imp
     p.add_argument('--version', action='version', version=f'breast-cancer {__version__}')
     p.add_argument('-v', '--verbose', action='count', default=0, help='-v: info messages and progress; -vv: debug and TensorFlow logs')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
-    for add in (_add_configs, _add_download, _add_prepare, _add_train, _add_evaluate, _add_report, _add_predict, _add_audit): add(sub)
+    for add in (_add_configs, _add_download, _add_prepare, _add_train, _add_evaluate, _add_report, _add_predict, _add_audit, _add_split): add(sub)
     _add_bench(sub, benchmarks)
     return p
 

@@ -166,8 +166,8 @@ SCHEMA = {
         'val_size': _num(0.1, lo=0.0, hi=0.9),
         'folds': _num(5, lo=2, hi=20, integer=True),
         'max_images': _num(None, lo=4, integer=True, optional=True),
-        'cache_in_memory': _auto_bool('auto'),
-        'split_file': _str(None, optional=True),   # a frozen split (CSV: patient_id/image_id, split) to reuse instead of drawing one   # hold the decoded training images in RAM (auto: when they fit)
+        'cache_in_memory': _auto_bool('auto'),   # hold the decoded training images in RAM (auto: when they fit)
+        'split_file': _str(None, optional=True),   # a frozen split to reuse (CSV: image_id [+ dataset, patient_id], split [, exclusion, reason]; `breast-cancer split` writes one)
     },
     'wavelet': _section(_WAVELET, 'wavelet', 'null (off) or a mapping {wavelet, level, method, mode, sigma, enhance, at}'),
     'stain': _section(_STAIN, 'stain', 'null (off) or a mapping {method, target, params, Io, alpha, beta, min_tissue, on_failure}'),

@@ -20,11 +20,11 @@ from .cache import (PEAK_BYTES_PER_PIXEL, image_cache_key, transform_and_resize,
 __all__ = ['LABELS', 'MANIFEST_SCHEMA', 'MANIFEST_COLUMNS', 'OPTIONAL_COLUMNS', 'SPLITS', 'PREDICTION_COLUMNS', 'MIAS_DENSITY',
            'MIAS_CLASSES', 'MIAS_SIZE', 'LABEL_COLORS', 'LABEL_ALIASES', 'IMAGE_SUFFIXES', 'DATASETS', 'SAMPLES',
            'DATA_DIRS', 'validate_manifest', 'make_manifest', 'parse_mias_info', 'load_mias', 'check_patient_leakage',
-           'patient_split', 'patient_kfold', 'save_split', 'load_split', 'plot_class_balance', 'show_examples',
-           'show_lesions', 'load_csv', 'load_folder', 'dataset_dir', 'get_loader', 'load_dataset', 'NONFINITE',
-           'read_image', 'read_resized', 'resize_longer', 'write_pgm', 'write_dicom', 'read_checksums', 'safe_extract',
-           'verify_checksums', 'PEAK_BYTES_PER_PIXEL', 'image_cache_key', 'transform_and_resize', 'cache_file_problem',
-           'cache_images', 'load_cached']
+           'patient_split', 'patient_kfold', 'save_split', 'load_split', 'exclusion_reasons', 'plot_class_balance',
+           'show_examples', 'show_lesions', 'load_csv', 'load_folder', 'dataset_dir', 'get_loader', 'load_dataset',
+           'NONFINITE', 'read_image', 'read_resized', 'resize_longer', 'write_pgm', 'write_dicom', 'read_checksums',
+           'safe_extract', 'verify_checksums', 'PEAK_BYTES_PER_PIXEL', 'image_cache_key', 'transform_and_resize',
+           'cache_file_problem', 'cache_images', 'load_cached']
 
 # %% ../nbs/01_data.ipynb #271ab378
 _log = get_logger('data')
@@ -386,38 +386,81 @@ def patient_kfold(df: pd.DataFrame, # a manifest
     return out
 
 # %% ../nbs/01_data.ipynb #de4a43cc
-def save_split(df: pd.DataFrame, # a manifest with a `split` and/or `fold` column
+def save_split(df: pd.DataFrame, # a manifest with a `split` and/or `fold` column (and optionally `exclusion`, `reason`)
                path, # the CSV to write (atomically)
               ) -> Path:
-    "Write the split/fold assignment of `df` (dataset, image_id, patient_id, split, fold) to a CSV."
-    cols = [c for c in ('split', 'fold') if c in df]
-    if not cols: raise DataError('nothing to save: the manifest has neither a split nor a fold column; run patient_split first')
+    "Write the split/fold assignment of `df` (dataset, image_id, patient_id, split, fold, exclusion, reason) to a CSV."
+    cols = [c for c in ('split', 'fold', 'exclusion', 'reason') if c in df]
+    if not {'split', 'fold'} & set(cols): raise DataError('nothing to save: the manifest has neither a split nor a fold column; run patient_split first')
     atomic_write_csv(df[['dataset', 'image_id', 'patient_id', *cols]], path, index=False)   # formula-like ids get a leading '
     return Path(path)
 
+# %% ../nbs/01_data.ipynb #296c3a57
+_TRUE, _FALSE = {'true', '1', 'yes', 'excluded'}, {'false', '0', 'no', '', 'nan'}
+
+def _read_split_file(path) -> pd.DataFrame:
+    "A split file, checked: image_id, split (or fold), values train/val/test, `exclusion` as bool; `DataError` naming `path`."
+    path = Path(path)
+    try: saved = read_csv_safe(path, dtype={'dataset': str, 'image_id': str, 'patient_id': str, 'split': str, 'exclusion': str})
+    except (OSError, ValueError, UnicodeDecodeError) as e: raise DataError(f'cannot read split file {path}: {type(e).__name__}: {e}') from None
+    if 'image_id' not in saved or not {'split', 'fold'} & set(saved.columns):
+        raise DataError(f'{path} is not a split file: it needs columns image_id and split (or fold); has {list(saved.columns)}')
+    if len(saved) == 0: raise DataError(f'split file {path} has no rows')
+    ex = saved['exclusion'].fillna('').str.strip().str.lower() if 'exclusion' in saved else pd.Series('', index=saved.index)
+    if not ex.isin(_TRUE | _FALSE).all(): raise DataError(f"{path}: column 'exclusion' holds {sorted(set(ex) - _TRUE - _FALSE)[:5]}: use true/false")
+    saved['exclusion'] = ex.isin(_TRUE)
+    if 'split' in saved:
+        s = saved['split'].str.strip().str.lower().replace({'training': 'train', 'testing': 'test', 'validation': 'val'})
+        bad = ~saved['exclusion'] & ~s.isin(SPLITS)
+        if bad.any(): raise DataError(f"{path}: column 'split' must be one of {', '.join(SPLITS)} (or the row marked excluded): {_rows_text(saved.assign(split=saved['split'].fillna('')), bad, 'split')}")
+        saved['split'] = s.where(~saved['exclusion'])
+    return saved
+
 # %% ../nbs/01_data.ipynb #2761f002
 def load_split(df: pd.DataFrame, # the manifest to apply the split to
-               path, # a CSV written by `save_split`
+               path, # a split CSV (`save_split`, a run's split.csv, a published split): image_id (+ dataset), split or fold
               ) -> pd.DataFrame:
-    "A copy of `df` with the `split`/`fold` columns read from `path`; `DataError` if images are missing or patients disagree."
-    path = Path(path)
-    try: saved = read_csv_safe(path, dtype={'dataset': str, 'image_id': str, 'patient_id': str})
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as e: raise DataError(f'cannot read split file {path}: {e}') from e
+    "`df`'s rows with the `split`/`fold` read from `path`, excluded rows dropped; `DataError` if images are missing or patients leak."
+    path = Path(path); saved = _read_split_file(path)
+    keys = ['dataset', 'image_id'] if 'dataset' in saved and 'dataset' in df else ['image_id']
     cols = [c for c in ('split', 'fold') if c in saved]
-    need = {'dataset', 'image_id', 'patient_id'}
-    if not cols or not need <= set(saved.columns):
-        raise DataError(f'{path} is not a split file: it needs columns dataset, image_id, patient_id and split or fold; has {list(saved.columns)}')
-    out = df.drop(columns=[c for c in cols if c in df]).merge(
-        saved[['dataset', 'image_id', 'patient_id', *cols]].rename(columns={'patient_id': '_saved_patient'}),
-        on=['dataset', 'image_id'], how='left', validate='one_to_one')
-    lost = out['_saved_patient'].isna()
-    if lost.any(): raise DataError(f'{path} has no split for {_rows_text(out, lost, "image_id")}: it was saved for a different manifest')
-    moved = out['_saved_patient'] != out['patient_id'].astype(str)
-    if moved.any(): raise DataError(f'{path} gives other patients for {_rows_text(out, moved, "_saved_patient")}: the patient ids changed since the split was saved')
-    out = out.drop(columns='_saved_patient')
-    for c in cols: check_patient_leakage(out, by=c)
+    if saved.duplicated(keys).any(): raise DataError(f'{path} lists {_rows_text(saved, saved.duplicated(keys), "image_id")} more than once')
+    if 'patient_id' in saved:
+        try: check_patient_leakage(saved[~saved['exclusion']], by=cols[0])
+        except DataError as e: raise DataError(f'split file {path}: {e}') from None
+    pid = ['patient_id'] if 'patient_id' in saved else []
+    out = df.drop(columns=[c for c in (*cols, 'exclusion') if c in df]).merge(
+        saved[[*keys, *pid, *cols, 'exclusion']].rename(columns={'patient_id': '_saved_patient'}), on=keys, how='left', validate='one_to_one')
     out.index = df.index
+    lost = out['exclusion'].isna()
+    if lost.any(): raise DataError(f'{path} has no split for {_rows_text(out, lost, "image_id")}: it was saved for a different manifest')
+    out = out[~out['exclusion'].astype(bool)].drop(columns='exclusion')
+    if pid:
+        moved = out['_saved_patient'] != out['patient_id'].astype(str)
+        if moved.any(): raise DataError(f'{path} gives other patients for {_rows_text(out, moved, "_saved_patient")}: the patient ids changed since the split was saved')
+        out = out.drop(columns='_saved_patient')
+    try:
+        for c in cols: check_patient_leakage(out, by=c)   # with the manifest's patients when the file has none
+    except DataError as e: raise DataError(f'split file {path}: {e}') from None
+    if len(out) == 0: raise DataError(f'split file {path} excludes every image of the manifest')
     return out
+
+# %% ../nbs/01_data.ipynb #fa0ace1a
+def exclusion_reasons(df: pd.DataFrame, # the manifest of a run's datasets, concatenated
+                      binary: bool = False, # a binary task (benign vs malignant): normal images are left out
+                      max_images: int|None = None, # keep a label-stratified subsample of this many images (`data.max_images`)
+                      seed: int = 0, # the same seed keeps the same subsample
+                     ) -> pd.Series:
+    "Why each row of `df` is left out of a run ('' for the rows kept): normals in a binary task, then the `max_images` subsample."
+    why = pd.Series('', index=df.index, dtype=object)
+    if binary: why[(df['label'] == 'normal').to_numpy()] = 'normal image in a binary task (task: binary)'
+    kept = df[why == '']
+    if max_images is not None and len(kept) > max_images:
+        frac, rng = max_images / len(kept), np.random.default_rng(seed)
+        keep = [rng.choice(ix, min(len(ix), max(2, round(len(ix) * frac))), replace=False) for ix in kept.groupby('label').indices.values()]
+        out = np.ones(len(kept), bool); out[np.concatenate(keep)] = False
+        why[kept.index[out]] = f'not in the data.max_images={max_images} subsample (seed {seed})'
+    return why
 
 # %% ../nbs/01_data.ipynb #f106a6f0
 LABEL_COLORS = {'normal': '#4c72b0', 'benign': '#55a868', 'malignant': '#c44e52'}

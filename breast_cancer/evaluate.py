@@ -14,7 +14,7 @@ from .data import LABELS, PREDICTION_COLUMNS
 from .metrics import (
     BINARY_METRICS, MIN_PATIENTS, MIN_PER_CLASS, AGGREGATIONS, AUCComparison, Metrics, aggregate_breasts, binary_metrics,
     bootstrap_weights, choose_threshold, compare_auc, degenerate_interval, delong_covariance, markdown_table, markdown_text, metrics_table,
-    multiclass_metrics, sample_size_note, _as_binary, _check_scores, group_codes, _percentile_ci, _RankCurves, _table, _div)
+    multiclass_metrics, operating_points, expected_calibration_error, sample_size_note, _as_binary, _check_scores, group_codes, _percentile_ci, _RankCurves, _table, _div)
 from .audit import (
     NEAR_DUPLICATE_BITS, HASH_SIZE, SplitAudit, audit_html, audit_split, hash_distances, perceptual_hashes)
 
@@ -202,14 +202,14 @@ def wavelet_texture_features(image: np.ndarray, # float32 image in [0, 1], (H, W
     return np.asarray(feats, np.float64)
 
 # %% ../nbs/06_evaluate.ipynb #172af693
-def _baseline_stage(X, y, split, groups, title, rule, n_boot, seed, ci):
+def _baseline_stage(X, y, split, groups, title, rule, n_boot, seed, ci, targets=(0.9, 0.9)):
     "A logistic regression on `X` fit on the train rows, its threshold from the val rows, scored on the test rows (None: cannot)."
     from sklearn.linear_model import LogisticRegression; from sklearn.pipeline import make_pipeline; from sklearn.preprocessing import StandardScaler
     tr, va, te = (split == 'train'), (split == 'val'), (split == 'test')
     if len(np.unique(y[tr])) < 2 or not te.any(): return None
     clf = make_pipeline(StandardScaler(), LogisticRegression(class_weight='balanced', max_iter=5000)).fit(X[tr], y[tr])
     p = clf.predict_proba(X)[:, 1]
-    t = choose_threshold(y[va], p[va], rule) if va.any() else 0.5
+    t = choose_threshold(y[va], p[va], rule, *targets) if va.any() else 0.5   # targets: (sensitivity, specificity)
     return binary_metrics(y[te], p[te], t, groups[te], n_boot=n_boot, seed=seed, ci=ci, title=title)
 
 
@@ -226,7 +226,9 @@ def classical_baseline(manifest: pd.DataFrame, # rows with `split` (train/val/te
                        size: int|None = None, # resize the longer side to this before the features; None = as read
                        wavelet: str = 'db4', # wavelet of the features
                        level: int = 4, # decomposition levels
-                       rule: str = 'youden', # threshold rule on the validation rows ('youden' or 'sensitivity')
+                       rule: str = 'youden', # threshold rule on the validation rows ('youden', 'sensitivity' or 'specificity')
+                       target_sensitivity: float = 0.9, # for rule='sensitivity'
+                       target_specificity: float = 0.9, # for rule='specificity'
                        n_boot: int = 2000, # patient-bootstrap replicates
                        seed: int = 0, # bootstrap seed
                        ci: float = 0.95, # confidence level
@@ -235,7 +237,7 @@ def classical_baseline(manifest: pd.DataFrame, # rows with `split` (train/val/te
     if 'split' not in manifest: raise DataError("classical_baseline: the manifest has no 'split' column: split it by patient first")
     X = _texture_matrix(manifest, images, size, wavelet, level)
     split, groups = manifest['split'].astype(str).to_numpy(), manifest['patient_id'].astype(str).to_numpy()
-    out, kw = {}, dict(rule=rule, n_boot=n_boot, seed=seed, ci=ci)
+    out, kw = {}, dict(rule=rule, n_boot=n_boot, seed=seed, ci=ci, targets=(target_sensitivity, target_specificity))
     if 'abnormal' in manifest and manifest['abnormal'].astype(bool).nunique() == 2:
         m = _baseline_stage(X, manifest['abnormal'].astype(bool).to_numpy(), split, groups,
                             'baseline stage 1: wavelet texture + logistic regression', **kw)
@@ -547,6 +549,16 @@ def plot_confusion(confusion, # a `Metrics` (its confusion matrix) or a DataFram
     if title: fig.suptitle(title)
     return fig
 
+# %% ../nbs/06_evaluate.ipynb #ea32313a
+_MARKERS = {'sens@spec90': 'D', 'sens@spec95': 's', 'threshold': 'o'}   # how each operating point is drawn
+
+def _mark_operating_points(ax, y, s, threshold, color, prefix=''):
+    "Mark `metrics.operating_points` (sens@spec90/95 and the chosen threshold) on a ROC axes, each with a legend entry."
+    for k, r in operating_points(y, s, threshold).iterrows():
+        what = f'threshold {r.threshold:.2f}' if k == 'threshold' else k
+        ax.plot(r.fpr, r.sensitivity, ls='', marker=_MARKERS[k], ms=7, mfc=color, mec='black', zorder=3,
+                label=f'{prefix}{what}: sens {r.sensitivity:.2f}, spec {r.specificity:.2f}')
+
 # %% ../nbs/06_evaluate.ipynb #e100e273
 def _curve_reps(y, s, groups, n_boot, seed, kind, grid):
     "Point curve and bootstrap replicate curves on `grid` (FPR for ROC, recall for PR)."
@@ -566,7 +578,7 @@ def _curve_reps(y, s, groups, n_boot, seed, kind, grid):
     reps = [curves(*rc.weighted(W)) for W in bootstrap_weights(G, n_boot, seed)] if n_boot else []
     return point, (np.hstack(reps).T if reps else np.empty((0, len(grid))))
 
-def _plot_curves(kind, y_true, y_score, groups, n_boot, seed, ci, ax, label):
+def _plot_curves(kind, y_true, y_score, groups, n_boot, seed, ci, ax, label, threshold=None):
     y = _as_binary(y_true)
     if y.all() or not y.any(): raise DataError(f"{'ROC' if kind == 'roc' else 'PR'} curve needs positive and negative cases; all {len(y)} are {'positive' if y.any() else 'negative'}")
     scores = y_score if isinstance(y_score, dict) else {label or 'model': y_score}
@@ -577,6 +589,8 @@ def _plot_curves(kind, y_true, y_score, groups, n_boot, seed, ci, ax, label):
         if kind == 'roc':
             fpr, tpr, _ = skm.roc_curve(y, s); v = skm.roc_auc_score(y, s)
             line, = ax.plot(fpr, tpr, lw=1.8, label=f'{name}: AUC {v:.3f}')
+            _mark_operating_points(ax, y, s, threshold.get(name) if isinstance(threshold, dict) else threshold, line.get_color(),
+                                   f'{name} ' if len(scores) > 1 else '')
         else:
             prec, rec, _ = skm.precision_recall_curve(y, s); v = skm.average_precision_score(y, s)
             line, = ax.step(rec, prec, where='post', lw=1.8, label=f'{name}: AP {v:.3f}')
@@ -601,9 +615,10 @@ def plot_roc(y_true, # true class per case (bool or 0/1)
              ci: float = 0.95, # band level
              ax=None, # draw into this matplotlib Axes
              label: str|None = None, # legend name of a single model
+             threshold: float|dict|None = None, # the chosen decision threshold to mark (a dict: {model name: threshold})
             ):
-    "ROC curve(s) with a pointwise patient-bootstrap CI band of sensitivity at each FPR."
-    return _plot_curves('roc', y_true, y_score, groups, n_boot, seed, ci, ax, label)
+    "ROC curve(s) with a pointwise patient-bootstrap CI band of sensitivity at each FPR, and the operating points marked."
+    return _plot_curves('roc', y_true, y_score, groups, n_boot, seed, ci, ax, label, threshold)
 
 # %% ../nbs/06_evaluate.ipynb #b2c4971b
 def plot_pr(y_true, # true class per case (bool or 0/1)
@@ -670,7 +685,7 @@ def plot_calibration(y_true, # true class per case (bool or 0/1)
                      strategy: str = 'quantile', # 'uniform' or 'quantile' bins (sklearn.calibration.calibration_curve)
                      title: str = 'calibration',
                     ):
-    "Reliability diagram (observed fraction positive vs mean predicted probability) with the Brier score, and a histogram of scores."
+    "Reliability diagram (observed fraction positive vs mean predicted probability) with the Brier score and ECE, and a histogram of scores."
     from sklearn.calibration import calibration_curve
     y = _as_binary(y_true)
     scores = y_score if isinstance(y_score, dict) else {'model': y_score}
@@ -679,7 +694,7 @@ def plot_calibration(y_true, # true class per case (bool or 0/1)
     for name, s in scores.items():
         s = _check_scores(s, len(y))
         frac, mean = calibration_curve(y, s, n_bins=n_bins, strategy=strategy)
-        ax.plot(mean, frac, marker='o', label=f'{name} (Brier {skm.brier_score_loss(y, s):.3f})')
+        ax.plot(mean, frac, marker='o', label=f'{name} (Brier {skm.brier_score_loss(y, s):.3f}, ECE {expected_calibration_error(y, s, n_bins):.3f})')
         axh.hist(s, bins=20, range=(0, 1), alpha=0.5, label=name)
     ax.set(ylabel='observed fraction positive', xlim=(0, 1), ylim=(0, 1), title=title); ax.legend(fontsize=8)
     axh.set(xlabel='predicted probability', ylabel='cases')

@@ -13,10 +13,11 @@ from .config import check_choice, choices
 from .data import LABELS
 
 # %% auto #0
-__all__ = ['BINARY_METRICS', 'MIN_PATIENTS', 'MIN_PER_CLASS', 'AGGREGATIONS', 'group_codes', 'bootstrap_weights',
-           'degenerate_interval', 'format_ci', 'markdown_text', 'markdown_table', 'Metrics', 'binary_metrics',
-           'sample_size_note', 'multiclass_metrics', 'delong_covariance', 'AUCComparison', 'compare_auc',
-           'metrics_table', 'choose_threshold', 'breast_side', 'aggregate_breasts']
+__all__ = ['ECE_BINS', 'CURVE_METRICS', 'BINARY_METRICS', 'MIN_PATIENTS', 'MIN_PER_CLASS', 'AGGREGATIONS', 'group_codes',
+           'bootstrap_weights', 'degenerate_interval', 'format_ci', 'markdown_text', 'markdown_table', 'Metrics',
+           'sens_at_spec', 'spec_at_sens', 'expected_calibration_error', 'binary_metrics', 'sample_size_note',
+           'multiclass_metrics', 'delong_covariance', 'AUCComparison', 'compare_auc', 'metrics_table',
+           'choose_threshold', 'operating_points', 'breast_side', 'aggregate_breasts']
 
 # %% ../nbs/05a_metrics.ipynb #dbf09b6f
 _log = get_logger('metrics')
@@ -27,7 +28,7 @@ def group_codes(groups, n: int) -> tuple[np.ndarray, int]:
     if groups is None: return np.arange(n), n
     g = pd.Series(np.asarray(groups, dtype=object))
     if len(g) != n: raise ConfigError(f"groups has {len(g)} entries but there are {n} cases: pass one patient id per case")
-    if g.isna().any(): raise DataError(f"groups (patient ids) missing at positions {list(np.flatnonzero(g.isna())[:5])}")
+    if g.isna().any(): raise DataError(f"groups (patient ids) missing at positions {np.flatnonzero(g.isna())[:5].tolist()}")
     codes, uniq = pd.factorize(g.astype(str))
     return codes.astype(np.int64), len(uniq)
 
@@ -186,10 +187,9 @@ def _table(names, values, reps, ci) -> pd.DataFrame:
     lo, hi = _percentile_ci(reps, ci)
     return pd.DataFrame({'value': np.asarray(values, float), 'lower': lo, 'upper': hi}, index=pd.Index(names, name='metric'))
 
-# %% ../nbs/05a_metrics.ipynb #23ae271c
-BINARY_METRICS = ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1', 'balanced_accuracy', 'roc_auc', 'pr_auc')
-
+# %% ../nbs/05a_metrics.ipynb #05476cd2
 def _as_binary(y_true, name='y_true') -> np.ndarray:
+    "`y_true` as a boolean array: bool or 0/1 only, no missing values."
     y = np.asarray(y_true)
     if y.dtype == bool: return y
     if pd.isna(pd.Series(y, dtype=object)).any(): raise DataError(f"{name} has missing values: drop those cases first")
@@ -198,11 +198,93 @@ def _as_binary(y_true, name='y_true') -> np.ndarray:
         raise DataError(f"{name} must be 0/1 or boolean, got values {sorted(map(str, u))[:5]}")
     return y.astype(bool)
 
+# %% ../nbs/05a_metrics.ipynb #a05fe2e6
 def _check_scores(y_score, n, name='y_score') -> np.ndarray:
+    "`y_score` as a float array of shape (n,) without NaN."
     s = np.asarray(y_score, dtype=float)
     if s.shape != (n,): raise ConfigError(f"{name} has shape {s.shape}, expected ({n},) like y_true")
-    if np.isnan(s).any(): raise DataError(f"{name} has NaN at positions {list(np.flatnonzero(np.isnan(s))[:5])}")
+    if np.isnan(s).any(): raise DataError(f"{name} has NaN at positions {np.flatnonzero(np.isnan(s))[:5].tolist()}")
     return s
+
+# %% ../nbs/05a_metrics.ipynb #2d99a78b
+_TOL = 1e-9   # a rate within this of its target counts as reaching it (9/10 is not exactly 0.9 in floating point)
+
+def _sens_at_spec(pos, neg, target: float) -> np.ndarray:
+    "Per row of (replicates × score levels, highest first) weights: the best sensitivity with specificity >= `target`."
+    tp, fp = np.cumsum(pos, 1), np.cumsum(neg, 1)
+    P, N = tp[:, -1:], fp[:, -1:]
+    ok = 1 - _div(fp, N, np.nan) >= target - _TOL
+    out = np.where(ok, _div(tp, P, np.nan), 0.0).max(1)   # the threshold above every score (sensitivity 0) always qualifies
+    return np.where((P[:, 0] > 0) & (N[:, 0] > 0), out, np.nan)
+
+# %% ../nbs/05a_metrics.ipynb #f80c41a0
+def _spec_at_sens(pos, neg, target: float) -> np.ndarray:
+    "Per row: the best specificity among thresholds with sensitivity >= `target` (levels highest first)."
+    return _sens_at_spec(neg[:, ::-1], pos[:, ::-1], target)
+
+# %% ../nbs/05a_metrics.ipynb #ed148485
+ECE_BINS = 10   # equal-mass bins of the expected calibration error
+
+# %% ../nbs/05a_metrics.ipynb #9c0a19e4
+def _ece(pos, neg, levels, n_bins: int = ECE_BINS) -> np.ndarray:
+    "Per row: expected calibration error over `n_bins` equal-mass bins of the score levels (a level is never split)."
+    w = pos + neg; cw = np.cumsum(w, 1); total = cw[:, -1:]
+    b = np.minimum((_div(cw - w / 2, total) * n_bins).astype(int), n_bins - 1)   # the bin of each level's middle case
+    idx = (b + n_bins * np.arange(len(w))[:, None]).ravel()
+    per_bin = lambda v: np.bincount(idx, np.ravel(v), minlength=len(w) * n_bins).reshape(len(w), n_bins)
+    return _div(np.abs(per_bin(pos) - per_bin(w * levels)).sum(1), total[:, 0], np.nan)
+
+# %% ../nbs/05a_metrics.ipynb #e11f5e67
+def _brier(pos, neg, levels) -> np.ndarray:
+    "Per row: the Brier score (mean squared error of the probabilities) from the per-level weights."
+    return _div(pos @ (1 - levels) ** 2 + neg @ levels ** 2, (pos + neg).sum(1), np.nan)
+
+# %% ../nbs/05a_metrics.ipynb #5b30ed50
+CURVE_METRICS = {'sens@spec90': lambda p, n, lv: _sens_at_spec(p, n, 0.90), 'sens@spec95': lambda p, n, lv: _sens_at_spec(p, n, 0.95),
+                 'spec@sens90': lambda p, n, lv: _spec_at_sens(p, n, 0.90), 'spec@sens95': lambda p, n, lv: _spec_at_sens(p, n, 0.95),
+                 'brier': _brier, 'ece': _ece}   # metrics of the score alone, per replicate, from `_RankCurves` weights
+
+# %% ../nbs/05a_metrics.ipynb #9ecf3c30
+def _curve_metrics(y, s, codes=None, n_groups=None, W=None) -> dict:
+    "`CURVE_METRICS` for patient weights `W` (replicates × patients; None = the data as they are): {name: array per replicate}."
+    if codes is None: codes, n_groups = np.arange(len(y)), len(y)
+    rc = _RankCurves(y, s, codes, n_groups)
+    pos, neg = rc.weighted(np.ones((1, n_groups)) if W is None else W)
+    return {k: f(pos, neg, rc.levels) for k, f in CURVE_METRICS.items()}
+
+# %% ../nbs/05a_metrics.ipynb #491a3a67
+def sens_at_spec(y_true, # true class per case: bool or 0/1
+                 y_score, # predicted probability of the positive class
+                 target: float = 0.9, # the specificity to reach
+                ) -> float:
+    "The best sensitivity among thresholds whose specificity is >= `target` (empirical ROC, no interpolation; NaN with one class)."
+    y = _as_binary(y_true); s = _check_scores(y_score, len(y))
+    rc = _RankCurves(y, s, np.arange(len(y)), len(y))
+    return float(_sens_at_spec(*rc.weighted(np.ones((1, len(y)))), target)[0])
+
+# %% ../nbs/05a_metrics.ipynb #4440d289
+def spec_at_sens(y_true, # true class per case: bool or 0/1
+                 y_score, # predicted probability of the positive class
+                 target: float = 0.9, # the sensitivity to reach
+                ) -> float:
+    "The best specificity among thresholds whose sensitivity is >= `target` (empirical ROC, no interpolation; NaN with one class)."
+    y = _as_binary(y_true); s = _check_scores(y_score, len(y))
+    rc = _RankCurves(y, s, np.arange(len(y)), len(y))
+    return float(_spec_at_sens(*rc.weighted(np.ones((1, len(y)))), target)[0])
+
+# %% ../nbs/05a_metrics.ipynb #3293ae6f
+def expected_calibration_error(y_true, # true class per case: bool or 0/1
+                               y_score, # predicted probability of the positive class
+                               n_bins: int = ECE_BINS, # equal-mass bins (cases sorted by score; tied scores stay together)
+                              ) -> float:
+    "Mean |fraction positive − mean score| over equal-mass bins, weighted by bin size."
+    y = _as_binary(y_true); s = _check_scores(y_score, len(y))
+    rc = _RankCurves(y, s, np.arange(len(y)), len(y))
+    return float(_ece(*rc.weighted(np.ones((1, len(y)))), rc.levels, n_bins)[0])
+
+# %% ../nbs/05a_metrics.ipynb #23ae271c
+BINARY_METRICS = ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1', 'balanced_accuracy', 'roc_auc', 'pr_auc',
+                  *CURVE_METRICS)
 
 # %% ../nbs/05a_metrics.ipynb #7fed156d
 def binary_metrics(y_true, # true class per case: bool or 0/1 (1 = positive: abnormal, malignant)
@@ -215,7 +297,7 @@ def binary_metrics(y_true, # true class per case: bool or 0/1 (1 = positive: abn
                    y_pred=None, # predicted class per case, overriding `threshold` (e.g. a cascade's decision)
                    title: str = '', # label shown in the table
                   ) -> Metrics:
-    "Accuracy, sensitivity, specificity, precision, F1, balanced accuracy, ROC and PR AUC, with patient-bootstrap CIs."
+    "Accuracy, sensitivity, specificity, precision, F1, balanced accuracy, ROC and PR AUC, operating points, Brier and ECE, with patient-bootstrap CIs."
     y = _as_binary(y_true); s = _check_scores(y_score, len(y))
     pred = s >= threshold if y_pred is None else _as_binary(y_pred, 'y_pred')
     codes, G = group_codes(groups, len(y))
@@ -228,7 +310,8 @@ def binary_metrics(y_true, # true class per case: bool or 0/1 (1 = positive: abn
                  precision=skm.precision_score(y, pred, zero_division=0), f1=skm.f1_score(y, pred, zero_division=0),
                  balanced_accuracy=skm.balanced_accuracy_score(y, pred) if two else np.nan,
                  roc_auc=skm.roc_auc_score(y, s) if two else np.nan,
-                 pr_auc=skm.average_precision_score(y, s) if two else np.nan)
+                 pr_auc=skm.average_precision_score(y, s) if two else np.nan,
+                 **{k: float(v[0]) for k, v in _curve_metrics(y, s).items()})
     reps, skipped = [], 0
     if n_boot and two:
         per = np.zeros((G, 4))   # per-patient tp, fp, fn, tn
@@ -242,6 +325,7 @@ def binary_metrics(y_true, # true class per case: bool or 0/1 (1 = positive: abn
             m = _binary_from_counts(*c.T)
             pos, neg = rc.weighted(W)
             m['roc_auc'], m['pr_auc'] = rc.auc(pos, neg), rc.average_precision(pos, neg)
+            m.update({k: f(pos, neg, rc.levels) for k, f in CURVE_METRICS.items()})
             reps.append(np.column_stack([m[k] for k in BINARY_METRICS]))
         if skipped: _log.info(f"{title or 'binary_metrics'}: {skipped} of {n_boot} bootstrap replicates lacked a class and were skipped")
     reps = np.vstack(reps) if reps else np.empty((0, len(BINARY_METRICS)))
@@ -418,21 +502,35 @@ def metrics_table(results: dict, # {model (or dataset) name: Metrics}
 # %% ../nbs/05a_metrics.ipynb #3083f4f3
 def choose_threshold(y_true, # 0/1 labels of the validation rows
                      p, # predicted probabilities of the positive class
-                     rule: str = 'youden', # 'youden' or 'sensitivity'
+                     rule: str = 'youden', # 'youden', 'sensitivity' or 'specificity' (`thresholds.rule`)
                      target_sensitivity: float = 0.9, # for rule='sensitivity'
+                     target_specificity: float = 0.9, # for rule='specificity'
                     ) -> float:
-    "A decision threshold from validation predictions: Youden's J, or the largest one reaching a target sensitivity."
-    from sklearn.metrics import roc_curve
+    "A decision threshold from validation predictions: Youden's J, the largest one reaching a target sensitivity, or the one giving the best sensitivity at a target specificity."
     check_choice(rule, 'thresholds.rule', 'rule')
     y, p = np.asarray(y_true).astype(int), np.asarray(p, dtype=float)
     if len(np.unique(y)) < 2:
         _log.warning(f'threshold: validation data has one class only ({len(y)} rows); keeping 0.5')
         return 0.5
-    fpr, tpr, thr = roc_curve(y, p)
+    fpr, tpr, thr = skm.roc_curve(y, p, drop_intermediate=rule != 'specificity')   # 'specificity': every distinct score
     thr = np.clip(thr, 0.0, 1.0)  # the first roc_curve threshold is +inf
     if rule == 'youden': i = int(np.argmax(tpr - fpr))
-    else: i = int(np.flatnonzero(tpr >= target_sensitivity)[0])
+    elif rule == 'sensitivity': i = int(np.flatnonzero(tpr >= target_sensitivity)[0])
+    else: q = np.flatnonzero(1 - fpr >= target_specificity - _TOL); i = int(q[np.argmax(tpr[q])])   # first (highest) of the best
     return float(thr[i])
+
+# %% ../nbs/05a_metrics.ipynb #413bdb9f
+def operating_points(y_true, # true class per case: bool or 0/1
+                     y_score, # predicted probability of the positive class
+                     threshold: float|None = None, # a chosen decision threshold to add as the row 'threshold'
+                     specificities=(0.9, 0.95), # target specificities: rows 'sens@spec90', ...
+                    ) -> pd.DataFrame:
+    "Points of the ROC curve to mark: per row the threshold, FPR, sensitivity and specificity (`score >= threshold` is positive)."
+    y = _as_binary(y_true); s = _check_scores(y_score, len(y))
+    thr = {f'sens@spec{round(100 * t)}': choose_threshold(y, s, 'specificity', target_specificity=t) for t in specificities}
+    if threshold is not None: thr['threshold'] = float(threshold)
+    sens = {k: float((s[y] >= t).mean()) for k, t in thr.items()}; spec = {k: float((s[~y] < t).mean()) for k, t in thr.items()}
+    return pd.DataFrame({'threshold': thr, 'fpr': {k: 1 - v for k, v in spec.items()}, 'sensitivity': sens, 'specificity': spec})
 
 # %% ../nbs/05a_metrics.ipynb #e80289be
 AGGREGATIONS = choices('evaluate.breast_aggregation')  # 'mean' or 'max': how views make a breast

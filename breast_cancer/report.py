@@ -480,7 +480,7 @@ def summary_frame(reports: list[dict]) -> pd.DataFrame:
                        sample_size=sample_size_note(m.get('n_patients'), m.get('n_positive'), m.get('n_negative')) if m.get('n') else '',
                        quick=bool((r.get('good_metrics') or {}).get('quick', False)),
                        audit=((r.get('good_metrics') or {}).get('audit') or {}).get('summary', ''))
-            for k in ('accuracy', 'specificity', 'sensitivity', 'roc_auc'):
+            for k in ('accuracy', 'specificity', 'sensitivity', 'roc_auc', 'sens@spec90', 'sens@spec95', 'spec@sens90', 'spec@sens95', 'brier', 'ece'):
                 t = m.get(k) or {}
                 row.update({k: t.get('value'), f'{k}_lo': t.get('lo'), f'{k}_hi': t.get('hi')})
             row.update({f'reported_{k}': rep.get(k) for k in ('accuracy', 'specificity', 'sensitivity', 'roc_auc')})

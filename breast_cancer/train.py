@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np, pandas as pd
 import keras
 from .core import (ConfigError, DataError, TrainingError, atomic_write_text, config_hash,
-                                get_logger, moved_names, path_inside, project_root, runs_dir, seed_everything)
+                                get_logger, moved_names, path_inside, project_root, runs_dir, seed_everything, file_sha256)
 from . import data as bc_data
 from . import augment as bc_augment
 from .cache import cache_layouts, batch_dtype, read_cached_tf, stack_cached, hold_in_memory
@@ -28,7 +28,7 @@ __all__ = ['TARGETS', 'load_manifest', 'wavelet_preprocessor', 'image_transform'
            'oversample_indices', 'target_rows', 'make_dataset', 'run_metadata', 'init_run_dir', 'save_model_atomic',
            'AtomicModelCheckpoint', 'EpochBackup', 'clr_schedule', 'compile_for_config', 'LearningRateLogger',
            'InputImagesLogger', 'MLflowLogger', 'tracking_callbacks', 'stage_datasets', 'history_from_csv',
-           'ensure_split', 'train', 'read_tensorboard', 'stage_done', 'SCHEMA', 'Config', 'load_config',
+           'ensure_split', 'write_split', 'train', 'read_tensorboard', 'stage_done', 'SCHEMA', 'Config', 'load_config',
            'strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu', 'global_batch_size', 'lr_factor',
            'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief', 'sync_from_chief', 'weights_checksum',
            'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs', 'launch_workers', 'worker_command',
@@ -48,18 +48,15 @@ __getattr__ = moved_names('breast_cancer.train', {'learnability': 'bench',
 
 # %% ../nbs/04_train.ipynb #29826dc8
 def load_manifest(config: Config, # a resolved Config (load_config)
+                  excluded: bool = False, # keep the rows the run leaves out, marked in columns `exclusion` (bool) and `reason`
                  ) -> pd.DataFrame:
     "The manifest a config describes: its datasets concatenated, normals dropped in binary mode, optionally subsampled."
     c = need_config(config, 'load_manifest')
-    frames = [bc_data.load_dataset(d['name'], d['root'], **d['options']) for d in c.datasets]
-    m = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0].reset_index(drop=True)
-    if c.task == 'binary': m = m[m['label'] != 'normal'].reset_index(drop=True)
-    if c.data.max_images is not None and len(m) > c.data.max_images:
-        frac, rng = c.data.max_images / len(m), np.random.default_rng(c.seed)
-        keep = [rng.choice(ix, min(len(ix), max(2, round(len(ix) * frac))), replace=False) for ix in m.groupby('label').indices.values()]
-        m = m.iloc[np.sort(np.concatenate(keep))].reset_index(drop=True)
-    if len(m) == 0: raise DataError(f'the datasets of config {c.name!r} hold no usable images')
-    return m
+    m = pd.concat([bc_data.load_dataset(d['name'], d['root'], **d['options']) for d in c.datasets], ignore_index=True)
+    why = bc_data.exclusion_reasons(m, binary=c.task == 'binary', max_images=c.data.max_images, seed=c.seed)
+    if excluded: return m.assign(exclusion=(why != '').to_numpy(), reason=why.to_numpy())
+    if not (why == '').any(): raise DataError(f'the datasets of config {c.name!r} hold no usable images')
+    return m[(why == '').to_numpy()].reset_index(drop=True)
 
 # %% ../nbs/04_train.ipynb #37d8a673
 def wavelet_preprocessor(config: Config, # a resolved Config (load_config)
@@ -322,7 +319,7 @@ def _pipeline_info(c: Config, manifest: pd.DataFrame|None) -> dict:
 def run_metadata(config: Config, # a resolved Config (load_config)
                  manifest: pd.DataFrame|None = None, # the run's manifest (hashed and counted)
                 ) -> dict:
-    "The metadata.json of a run: time, config hash, packages, manifest hash and size, git commit, hardware, precision, pipeline."
+    "The metadata.json of a run: time, config hash, packages, manifest hash and size, git commit, hardware, precision, pipeline, split file hash."
     from breast_cancer import model as bc_model
     c = need_config(config, 'run_metadata')
     md = {'created': datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'), 'name': c.name,
@@ -331,6 +328,7 @@ def run_metadata(config: Config, # a resolved Config (load_config)
     if manifest is not None:
         md['manifest_hash'] = manifest_hash(manifest); md['n_images'] = int(len(manifest))
         md['label_counts'] = {str(k): int(v) for k, v in manifest['label'].value_counts().items()} if 'label' in manifest else {}
+    if c.data.split_file: md['split_file'] = {'path': str(c.data.split_file), 'sha256': file_sha256(Path(c.data.split_file).expanduser())}
     return md
 
 # %% ../nbs/04_train.ipynb #a86620a9
@@ -551,13 +549,24 @@ def history_from_csv(path) -> dict:
 
 # %% ../nbs/04_train.ipynb #5c01c73c
 def ensure_split(manifest: pd.DataFrame, # a manifest, with or without a `split` column
-                 config: Config, # a resolved Config (load_config): data.test_size, data.val_size, seed
+                 config: Config, # a resolved Config (load_config): data.split_file, data.test_size, data.val_size, seed
                 ) -> pd.DataFrame:
-    "The manifest with a patient-level `split` column (train/val/test), made with `data.patient_split` when missing."
+    "The manifest with a patient-level `split` column (train/val/test): `data.split_file`'s, else made with `data.patient_split` when missing."
+    c = need_config(config, 'ensure_split')
+    if c.data.split_file: return bc_data.load_split(manifest, Path(c.data.split_file).expanduser())   # a frozen split: reused, its excluded rows dropped
     if 'split' in manifest and manifest['split'].notna().all() and set(manifest['split']) >= {'train', 'val'}:
         return bc_data.check_patient_leakage(manifest)   # a dataset's own split too: no woman on both sides
-    c = need_config(config, 'ensure_split')
     return bc_data.patient_split(manifest, test_size=c.data.test_size, val_size=c.data.val_size, seed=c.seed)
+
+# %% ../nbs/04_train.ipynb #e1eeb763
+def write_split(config: Config, # a resolved Config (load_config)
+                out, # the CSV to write (atomically): dataset, image_id, patient_id, split, exclusion, reason
+               ) -> Path:
+    "Write the patient split `config` trains on (`ensure_split`) to `out`, the images it leaves out marked with `exclusion` and a `reason`."
+    c = need_config(config, 'write_split'); m = load_manifest(c, excluded=True)
+    m['split'] = ensure_split(m[~m['exclusion']], c)['split'].reindex(m.index)   # no split: left out here or by data.split_file
+    m['reason'] = m['reason'].mask(m['split'].isna() & ~m['exclusion'], f'excluded by the split file {c.data.split_file}')
+    return bc_data.save_split(m.assign(exclusion=m['split'].isna()), out)
 
 # %% ../nbs/04_train.ipynb #d3a4cf59
 class _EpochWatch(keras.callbacks.Callback):

@@ -17,7 +17,7 @@ def _run(*args, env=None):
 def test_version_and_help_examples():
     out = _run('--version')
     assert out.returncode == 0 and out.stdout.strip() == f'breast-cancer {__version__}'
-    for cmd in ('train', 'report', 'evaluate', 'predict'):
+    for cmd in ('train', 'report', 'evaluate', 'predict', 'split'):
         help_text = _run(cmd, '--help').stdout
         tail = help_text.rstrip().split('examples:')[-1].strip().splitlines()
         assert 'examples:' in help_text and 2 <= len(tail) <= 3 and all(l.strip().startswith('breast-cancer ') for l in tail), cmd
