@@ -107,6 +107,19 @@ def _mapping(v):
     if isinstance(v, dict): return dict(v)
     raise ValueError
 
+def _views(v):
+    "data.views: a non-empty list of distinct view names."
+    if isinstance(v, (list, tuple)) and v and all(isinstance(x, str) and x for x in v) and len(set(v)) == len(v): return list(v)
+    raise ValueError
+
+def _model_views(v):
+    "model.views: 'single' | 'two_view' for every stage, or {stage1: ..., stage2: ...} (missing stages: 'single')."
+    kinds = ('single', 'two_view')
+    if v in kinds: return v
+    if isinstance(v, dict) and v and set(v) <= {'stage1', 'stage2'} and all(x in kinds for x in v.values()):
+        return {'stage1': v.get('stage1', 'single'), 'stage2': v.get('stage2', 'single')}
+    raise ValueError
+
 # %% ../nbs/00a_config.ipynb #16f5e910
 def _section(schema: dict, key: str, allowed: str):
     "A field that is null (the step is off) or a mapping checked against its own `schema` (defaults filled in)."
@@ -167,6 +180,8 @@ SCHEMA = {
         'folds': _num(5, lo=2, hi=20, integer=True),
         'max_images': _num(None, lo=4, integer=True, optional=True),
         'cache_in_memory': _auto_bool('auto'),   # hold the decoded training images in RAM (auto: when they fit)
+        'views': _Field(['CC', 'MLO'], _views, "a list of distinct view names such as [CC, MLO] or [MLO]"),   # the views a two-view breast row holds, in order
+        'one_view_breasts': _choice('keep', 'keep', 'drop'),   # two-view: a breast with one of its views missing is kept (that view masked) or dropped
         'split_file': _str(None, optional=True),   # a frozen split to reuse (CSV: image_id [+ dataset, patient_id], split [, exclusion, reason]; `breast-cancer split` writes one)
     },
     'wavelet': _section(_WAVELET, 'wavelet', 'null (off) or a mapping {wavelet, level, method, mode, sigma, enhance, at}'),
@@ -177,6 +192,8 @@ SCHEMA = {
         'weights': _Field('imagenet', _weights, "'imagenet', null or the path of a weights file"),
         'freeze': _Field('base', _freeze, "'base', 'none' or a number of top blocks to keep trainable"),
         'dropout': _num(None, lo=0.0, hi=0.95, optional=True),
+        'views': _Field('single', _model_views, "'single', 'two_view' or a mapping {stage1: single|two_view, stage2: single|two_view}"),
+        'fusion': _choice('concat', 'concat', 'mean', 'attention'),   # two-view: how the views' features join before the head
     },
     'train': {
         'epochs': _num(20, lo=1, integer=True),
@@ -227,6 +244,7 @@ SCHEMA = {
         'target_sensitivity': _num(0.9, lo=0.0, hi=1.0),
         'target_specificity': _num(0.9, lo=0.0, hi=1.0),   # rule 'specificity': the threshold giving at least this on validation
     },
+    'calibration': _choice('none', 'none', 'temperature', 'isotonic'),   # recalibrate each stage's probabilities, fitted on validation only
     'evaluate': {
         'breast_aggregation': _choice('mean', 'mean', 'max'),  # a breast's score from its views (CC, MLO)
     },
@@ -457,7 +475,7 @@ def _read_config_file(p: Path) -> dict:
     return data
 
 # %% ../nbs/00a_config.ipynb #f1b1deca
-_ORDER = ['name', 'task', 'seed', 'datasets', 'data', 'stain', 'wavelet', 'model', 'train', 'distribute', 'thresholds', 'evaluate', 'tracking']
+_ORDER = ['name', 'task', 'seed', 'datasets', 'data', 'stain', 'wavelet', 'model', 'train', 'distribute', 'thresholds', 'calibration', 'evaluate', 'tracking']
 
 def load_config(src, # a YAML file path, a preset name ('demo'), a dict, or a Config
                ) -> Config:

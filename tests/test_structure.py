@@ -8,7 +8,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT/'breast_cancer'
 # The chain: a module imports only modules before it (../shared/STYLE.md). Nothing imports the CLI.
 CHAIN = ['core', 'config', 'rundir', 'io', 'cache', 'data', 'fetch', 'mammo', 'histo', 'fixtures', 'wavelet', 'model',
-         'augment', 'distribute', 'train', 'metrics', 'cascade', 'audit', 'evaluate', 'explain', 'report', 'learn', 'speed', 'bench', 'cli']
+         'augment', 'twoview', 'distribute', 'train', 'metrics', 'calibrate', 'cascade', 'audit', 'evaluate', 'external', 'explain',
+         'report', 'learn', 'protocols', 'speed', 'bench', 'cli']
 
 def modules() -> dict[str, Path]:
     return {p.stem: p for p in PKG.glob('*.py') if p.stem not in ('__init__', '_modidx')}
@@ -54,7 +55,7 @@ def test_run_folder_names_live_in_rundir_only():
         found |= {(t.name, f) for f in RUN_FILES if f.strip("'") in t.read_text() and f"/{f}" in t.read_text().replace('\\"', "'")}
     assert not found, f'file names of a run folder outside rundir (use RunDir): {sorted(found)}'
 
-EDGES = {'config', 'rundir', 'cli', 'cascade', 'report', 'learn', 'speed', 'bench'}  # where a config may be read (cascade: run_from_config only)
+EDGES = {'config', 'rundir', 'cli', 'cascade', 'report', 'learn', 'protocols', 'speed', 'bench'}  # where a config may be read (cascade: run_from_config only)
 
 def test_load_config_is_called_at_the_edges_only():
     calls = {n: len(re.findall(r'\bload_config\(', _code(n))) for n in CHAIN if n not in EDGES}
