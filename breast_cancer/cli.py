@@ -23,7 +23,9 @@ _EXAMPLES = {  # subcommand: the examples its --help ends with
               'breast-cancer train --config demo --quick -v --workers 2    # 2 local worker processes',
               'breast-cancer train --config demo --set train.epochs=5 --set data.image_size=128'],
     'evaluate': ['breast-cancer evaluate --run runs/demo',
-                 'breast-cancer evaluate --run runs/demo --predictions oof --n-boot 500'],
+                 'breast-cancer evaluate --run runs/demo --predictions oof --n-boot 500',
+                 'breast-cancer evaluate --run runs/demo --dataset mias --data-root site_b/    # external validation on another site',
+                 'breast-cancer evaluate --run runs/cbis --dataset cmmd --rechoose 0.3    # thresholds re-chosen on 30% of its patients'],
     'report': ['breast-cancer report --datasets mias --config demo --quick',
                'breast-cancer report --datasets mias,breakhis --config demo --jobs 2',
                'breast-cancer report --datasets mias --config demo --set train.epochs=5'],
@@ -186,10 +188,22 @@ def _add_train(sub):
 def _evaluate(args):
     from breast_cancer.evaluate import evaluate_run, write_model_card
     from breast_cancer.rundir import RunDir
+    if args.dataset: return _evaluate_external(args)
     which = RunDir(args.run).predictions_file(args.predictions).name   # 'test' or 'oof' (or the file's name): its file
     m = evaluate_run(args.run, predictions=which, n_boot=args.n_boot, seed=args.seed)
     print(m.summary().to_string())
     print(f'model card: {write_model_card(args.run, which, n_boot=min(args.n_boot, 1000), seed=args.seed)}')
+
+# %% ../nbs/08_cli.ipynb #b53ca03f
+def _evaluate_external(args):
+    "`evaluate --dataset`: the run on another dataset or site, filed with the reports (summary.md's external table)."
+    from breast_cancer.external import evaluate_external, file_external
+    from breast_cancer.report import write_index
+    res = evaluate_external(args.run, args.dataset, args.data_root, name=args.name, rechoose=args.rechoose, n_boot=args.n_boot, seed=args.seed)
+    print(res.markdown())
+    from breast_cancer.rundir import RunDir
+    print(f'\nexternal validation: {RunDir(args.run).external(res.name).path}')
+    print(f"record: {file_external(res, args.reports)}; summary: {write_index(args.reports).with_name('summary.md')}")
 
 # %% ../nbs/08_cli.ipynb #207e712b
 def _add_evaluate(sub):
@@ -198,6 +212,13 @@ def _add_evaluate(sub):
     sp.add_argument('--predictions', default='test', help="'test' (the held-out patients) or 'oof' (out-of-fold)")
     sp.add_argument('--n-boot', type=int, default=2000, help='bootstrap replicates')
     sp.add_argument('--seed', type=int, default=0, help='bootstrap seed')
+    ext = sp.add_argument_group('external validation', 'evaluate the trained run on another dataset or site (every patient a test patient)')
+    ext.add_argument('--dataset', default=None, help='dataset to evaluate on (e.g. mias, cmmd, cbis_ddsm)')
+    ext.add_argument('--data-root', default=None, help="its folder, e.g. another site's copy in the same layout (default: its usual folder)")
+    ext.add_argument('--name', default=None, help='name of this evaluation (default: the dataset, plus the folder name)')
+    ext.add_argument('--rechoose', type=float, default=0.0, metavar='FRACTION',
+                     help="re-choose the thresholds on this fraction of the new patients (default 0: the run's own thresholds)")
+    ext.add_argument('--reports', default=None, help='reports folder whose summary lists it (default: the reports folder)')
 
 # %% ../nbs/08_cli.ipynb #071e975c
 def _report(args):

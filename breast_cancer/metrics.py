@@ -16,8 +16,8 @@ from .data import LABELS
 __all__ = ['ECE_BINS', 'CURVE_METRICS', 'BINARY_METRICS', 'MIN_PATIENTS', 'MIN_PER_CLASS', 'AGGREGATIONS', 'group_codes',
            'bootstrap_weights', 'degenerate_interval', 'format_ci', 'markdown_text', 'markdown_table', 'Metrics',
            'sens_at_spec', 'spec_at_sens', 'expected_calibration_error', 'binary_metrics', 'sample_size_note',
-           'multiclass_metrics', 'delong_covariance', 'AUCComparison', 'compare_auc', 'metrics_table',
-           'choose_threshold', 'operating_points', 'breast_side', 'aggregate_breasts']
+           'multiclass_metrics', 'delong_covariance', 'AUCComparison', 'compare_auc', 'compare_auc_unpaired',
+           'metrics_table', 'choose_threshold', 'operating_points', 'breast_side', 'aggregate_breasts']
 
 # %% ../nbs/05a_metrics.ipynb #dbf09b6f
 _log = get_logger('metrics')
@@ -252,15 +252,20 @@ def _curve_metrics(y, s, codes=None, n_groups=None, W=None) -> dict:
     pos, neg = rc.weighted(np.ones((1, n_groups)) if W is None else W)
     return {k: f(pos, neg, rc.levels) for k, f in CURVE_METRICS.items()}
 
+# %% ../nbs/05a_metrics.ipynb #a7eb9b48
+def _unweighted(y_true, y_score) -> tuple:
+    "(positives, negatives, levels) per distinct score, highest first, of the cases as they are: the curves one estimate reads."
+    y = _as_binary(y_true); s = _check_scores(y_score, len(y))
+    rc = _RankCurves(y, s, np.arange(len(y)), len(y))
+    return (*rc.weighted(np.ones((1, len(y)))), rc.levels)
+
 # %% ../nbs/05a_metrics.ipynb #491a3a67
 def sens_at_spec(y_true, # true class per case: bool or 0/1
                  y_score, # predicted probability of the positive class
                  target: float = 0.9, # the specificity to reach
                 ) -> float:
     "The best sensitivity among thresholds whose specificity is >= `target` (empirical ROC, no interpolation; NaN with one class)."
-    y = _as_binary(y_true); s = _check_scores(y_score, len(y))
-    rc = _RankCurves(y, s, np.arange(len(y)), len(y))
-    return float(_sens_at_spec(*rc.weighted(np.ones((1, len(y)))), target)[0])
+    return float(_sens_at_spec(*_unweighted(y_true, y_score)[:2], target)[0])
 
 # %% ../nbs/05a_metrics.ipynb #4440d289
 def spec_at_sens(y_true, # true class per case: bool or 0/1
@@ -268,9 +273,7 @@ def spec_at_sens(y_true, # true class per case: bool or 0/1
                  target: float = 0.9, # the sensitivity to reach
                 ) -> float:
     "The best specificity among thresholds whose sensitivity is >= `target` (empirical ROC, no interpolation; NaN with one class)."
-    y = _as_binary(y_true); s = _check_scores(y_score, len(y))
-    rc = _RankCurves(y, s, np.arange(len(y)), len(y))
-    return float(_spec_at_sens(*rc.weighted(np.ones((1, len(y)))), target)[0])
+    return float(_spec_at_sens(*_unweighted(y_true, y_score)[:2], target)[0])
 
 # %% ../nbs/05a_metrics.ipynb #3293ae6f
 def expected_calibration_error(y_true, # true class per case: bool or 0/1
@@ -278,9 +281,7 @@ def expected_calibration_error(y_true, # true class per case: bool or 0/1
                                n_bins: int = ECE_BINS, # equal-mass bins (cases sorted by score; tied scores stay together)
                               ) -> float:
     "Mean |fraction positive − mean score| over equal-mass bins, weighted by bin size."
-    y = _as_binary(y_true); s = _check_scores(y_score, len(y))
-    rc = _RankCurves(y, s, np.arange(len(y)), len(y))
-    return float(_ece(*rc.weighted(np.ones((1, len(y)))), rc.levels, n_bins)[0])
+    return float(_ece(*_unweighted(y_true, y_score), n_bins)[0])
 
 # %% ../nbs/05a_metrics.ipynb #23ae271c
 BINARY_METRICS = ('accuracy', 'sensitivity', 'specificity', 'precision', 'f1', 'balanced_accuracy', 'roc_auc', 'pr_auc',
@@ -447,12 +448,13 @@ def delong_covariance(y_true, # true class per case (bool or 0/1)
 # %% ../nbs/05a_metrics.ipynb #2ece8bb4
 @dataclasses.dataclass
 class AUCComparison:
-    "A paired comparison of two models' ROC AUCs on the same cases."
+    "A comparison of two ROC AUCs: paired (two models, the same cases) or unpaired (one model, two sets of patients)."
     auc_a: float; auc_b: float; delta: float; lower: float; upper: float; p_value: float
     method: str = 'delong'; n_images: int = 0; n_groups: int = 0; n_boot: int = 0; n_skipped: int = 0; ci: float = 0.95
     def to_dict(self) -> dict: return dataclasses.asdict(self)
     def __repr__(self):
-        how = ('DeLong' + (' clustered by patient' if self.n_groups < self.n_images else '')) if self.method == 'delong' else f'paired patient bootstrap ({self.n_boot} replicates, {self.n_skipped} skipped)'
+        how = f'unpaired patient bootstrap ({self.n_boot} replicates, {self.n_skipped} skipped)' if self.method == 'unpaired' else \
+              ('DeLong' + (' clustered by patient' if self.n_groups < self.n_images else '')) if self.method == 'delong' else f'paired patient bootstrap ({self.n_boot} replicates, {self.n_skipped} skipped)'
         return (f"AUC A {self.auc_a:.3f} vs B {self.auc_b:.3f}: ΔAUC {self.delta:+.3f} "
                 f"[{self.lower:+.3f}, {self.upper:+.3f}] ({self.ci:.0%} CI), p = {self.p_value:.3g}; "
                 f"{how}, {self.n_images} cases, {self.n_groups} patients")
@@ -488,6 +490,33 @@ def compare_auc(y_true, # true class per case (bool or 0/1)
     p = (1 + np.sum(np.abs(deltas - d) >= abs(d))) / (1 + len(deltas))   # centred bootstrap null
     return AUCComparison(auc_a, auc_b, d, float(lo[0]), float(hi[0]), float(min(p, 1.0)), 'bootstrap', len(y), G,
                          n_boot, skipped, ci)
+
+# %% ../nbs/05a_metrics.ipynb #d7d9ca74
+def _auc_replicates(y, s, groups, n_boot: int, seed: int) -> tuple[np.ndarray, int]:
+    "ROC AUC of each patient-bootstrap replicate (replicates without both classes dropped), and how many were dropped."
+    codes, G = group_codes(groups, len(y)); rc = _RankCurves(y, s, codes, G)
+    reps = np.concatenate([rc.auc(*rc.weighted(W)) for W in bootstrap_weights(G, n_boot, seed)])
+    return reps[~np.isnan(reps)], int(np.isnan(reps).sum())
+
+# %% ../nbs/05a_metrics.ipynb #68044cb5
+def compare_auc_unpaired(y_a, score_a, groups_a, # set A (e.g. the external site): truth, scores, patient ids
+                         y_b, score_b, groups_b, # set B (e.g. the internal test patients)
+                         n_boot: int = 2000, # bootstrap replicates per set
+                         seed: int = 0, # bootstrap seed (set B uses seed + 1: the two resamplings are independent)
+                         ci: float = 0.95, # confidence level
+                        ) -> AUCComparison:
+    "ΔAUC = AUC(A) − AUC(B) for two disjoint sets of patients, with an unpaired patient-bootstrap CI."
+    (ya, a), (yb, b) = [(_as_binary(y), _check_scores(s, len(_as_binary(y)))) for y, s in ((y_a, score_a), (y_b, score_b))]
+    for name, y in (('A', ya), ('B', yb)):
+        if not (y.any() and (~y).any()): raise DataError(f'compare_auc_unpaired: set {name} has one class only; an AUC needs both')
+    (ra, sa), (rb, sb) = _auc_replicates(ya, a, groups_a, n_boot, seed), _auc_replicates(yb, b, groups_b, n_boot, seed + 1)
+    k = min(len(ra), len(rb)); deltas = ra[:k] - rb[:k]
+    auc_a, auc_b = skm.roc_auc_score(ya, a), skm.roc_auc_score(yb, b); d = auc_a - auc_b
+    lo, hi = _percentile_ci(deltas[:, None], ci)
+    p = (1 + np.sum(np.abs(deltas - d) >= abs(d))) / (1 + len(deltas))
+    n_groups = group_codes(groups_a, len(ya))[1] + group_codes(groups_b, len(yb))[1]
+    return AUCComparison(auc_a, auc_b, d, float(lo[0]), float(hi[0]), float(min(p, 1.0)), 'unpaired', len(ya) + len(yb),
+                         n_groups, n_boot, sa + sb, ci)
 
 # %% ../nbs/05a_metrics.ipynb #929360ef
 def metrics_table(results: dict, # {model (or dataset) name: Metrics}

@@ -566,6 +566,12 @@ def write_index(out_dir: str|Path|None = None, # reports folder (default `core.r
           'The "reported" columns are copied from the papers, **not reproduced** by this code. ' + note + '\n\n' + marks + '\n']
     for model, t in tables.items(): md += [f'\n## {titles[model]}\n\n', markdown_table(t, empty=_NONE)]
     md += ['\n## All published results, beside ours\n\n' + note + '\n\n', markdown_table(published, empty=_NONE)]
+    from breast_cancer.external import external_summary   # lazily: it loads the cascade (Keras)
+    external = external_summary(out_dir)
+    ext_note = ('Runs evaluated on another dataset or site (`breast-cancer evaluate --run RUN --dataset NAME`): every patient there '
+                'is a test patient; the thresholds are the run\'s own unless marked re-chosen; ΔAUC is external − internal with an '
+                'unpaired patient-bootstrap 95% CI.')
+    if len(external): md += ['\n## External validation (evaluation: external)\n\n' + ext_note + '\n\n', markdown_table(external)]
     md += ['\n## Reports\n\n', markdown_table(pd.DataFrame([dict(dataset=r['dataset'], run=r['run_name'], status=r.get('status'),
             report=_rel(r['good_html'], out_dir) or '-', demo='yes' if (r.get('good_metrics') or {}).get('quick') else '',
             leakage_audit=((r.get('good_metrics') or {}).get('audit') or {}).get('summary', '-'),
@@ -588,6 +594,7 @@ def write_index(out_dir: str|Path|None = None, # reports folder (default `core.r
                     f'<td>{esc(str(r.get("started", "")))}</td><td>{r.get("seconds", "")}</td><td>{link}</td>'
                     f'<td>{esc(((r.get("good_metrics") or {}).get("audit") or {}).get("summary", "-"))}</td>'
                     f'<td class="err">{esc(r.get("error") or "")}</td></tr>')
+    if len(external): body.append(f'<h2>External validation</h2><p class="note">{esc(ext_note)}</p>' + external.to_html(index=False, escape=True, border=0))
     body.append('<h2>All published results, beside ours</h2>' + (published.to_html(index=False, escape=True, border=0) if len(published) else ''))
     body.append('<h2>Reports</h2><table><tr><th>dataset</th><th>run</th><th>status</th><th>last attempt</th><th>seconds</th>'
                 '<th>report</th><th>leakage audit</th><th>error</th></tr>' + ''.join(rows) + '</table>')

@@ -189,6 +189,23 @@ def fold(self: RunDir, k: int) -> RunDir:
     "The run folder of cross-validation fold `k`: `cv/fold<k>`."
     return RunDir(self.path/'cv'/f'fold{int(k)}')
 
+# %% ../nbs/00b_rundir.ipynb #c07679bb
+@patch
+def external(self: RunDir, name: str) -> RunDir:
+    "The folder of the run's external validation on `name` (a dataset or site name): `external/<name>`."
+    return RunDir(self.path/'external'/check_name(name, 'external validation name'))
+
+# %% ../nbs/00b_rundir.ipynb #b96ecfcc
+@patch(as_prop=True)
+def external_record(self: RunDir) -> Path:
+    "The record of an external validation (`external.json`), in the folder `RunDir.external` gives."
+    return self.path/'external.json'
+
+@patch
+def externals(self: RunDir) -> list[RunDir]:
+    "The run's external validations that finished (their record exists), by name."
+    return sorted((RunDir(p.parent) for p in (self.path/'external').glob('*/external.json')), key=lambda r: r.path.name)
+
 # %% ../nbs/00b_rundir.ipynb #046368a7
 @patch
 def tensorboard_dir(self: RunDir, stage: str|None = None) -> Path:
