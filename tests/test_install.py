@@ -148,10 +148,25 @@ def _doc_notebooks() -> list[str]:
     return sorted(p.relative_to(ROOT/'nbs').as_posix() for p in (ROOT/'nbs').rglob('*.ipynb')
                   if '.ipynb_checkpoints' not in p.parts and not p.name.startswith('_'))
 
+ALONE_WORKERS = 2   # notebooks run two at a time: each is mostly one kernel's single-threaded Python, so the 2 cores overlap them
+
+@pytest.fixture(scope='module')
+def notebooks_alone(plain_nbdev, tmp_path_factory):
+    "Every docs notebook started alone (`notebook_alone_after_plain_install`), two at a time; {name: Future}."
+    from concurrent.futures import Future, ThreadPoolExecutor
+    with ThreadPoolExecutor(1) as one:   # the tour first, alone: its time limit is for an idle machine (a failure stays its own)
+        tour = one.submit(notebook_alone_after_plain_install, plain_nbdev, tmp_path_factory.mktemp('alone'), 'tour.ipynb')
+    pool = ThreadPoolExecutor(ALONE_WORKERS)
+    names = sorted((n for n in _doc_notebooks() if n != 'tour.ipynb'), key=lambda n: -(ROOT/'nbs'/n).stat().st_size)  # long ones first
+    futures = {'tour.ipynb': tour} | {n: pool.submit(notebook_alone_after_plain_install, plain_nbdev, tmp_path_factory.mktemp('alone'), n)
+                                       for n in names}
+    yield futures
+    pool.shutdown(cancel_futures=True)
+
 @pytest.mark.parametrize('name', _doc_notebooks())
-def test_every_notebook_runs_alone_every_cell_after_a_plain_install(plain_nbdev, tmp_path, name, capsys):
+def test_every_notebook_runs_alone_every_cell_after_a_plain_install(notebooks_alone, name, capsys):
     "Each docs page alone in an empty folder, all cells, as Colab's Run all; its wall time goes into the test output."
-    res = notebook_alone_after_plain_install(plain_nbdev, tmp_path, name)
+    res = notebooks_alone[name].result()
     with capsys.disabled():
         print(f"\n  alone, every cell: {name:<34} {res['wall_s']:7.1f} s wall, {res['seconds']:7.1f} s executing {res['cells']} cells", flush=True)
     assert res['cells'] >= 3 and res['skipped'] == 0
