@@ -21,17 +21,18 @@ from .train import (cache_manifest, make_dataset, train, init_run_dir, ensure_sp
                                  image_transform, package_versions, _cache_size, _cache_fit, load_manifest, stage_done,
                                  distribute_scope, _run_folder, from_chief, sync_from_chief)
 from .cache import fit_square, quantize
+from .calibrate import RAW_COLUMNS, Calibrator, fit_calibrator
 
 # %% auto #0
 __all__ = ['PREDICT_EXTRA', 'cascade_labels', 'Cascade', 'build_stage', 'small_stage', 'predictions_frame',
            'summarize_predictions', 'cross_validate', 'quick_config', 'prepare', 'run_from_config', 'predict_table',
-           'predict_files', 'choose_threshold']
+           'predict_files', 'choose_threshold', 'RAW_COLUMNS']
 
 # %% ../nbs/05_cascade.ipynb #3634e0f0
 _log = get_logger('cascade')
 
 # %% ../nbs/05_cascade.ipynb #3083f4f3
-_all_ = ['choose_threshold']   # defined in metrics, re-exported here
+_all_ = ['choose_threshold', 'RAW_COLUMNS']   # defined in metrics and calibrate, re-exported here
 
 # %% ../nbs/05_cascade.ipynb #a1934fc3
 def cascade_labels(p_abnormal, # stage-1 probabilities (NaN in binary mode)
@@ -52,16 +53,22 @@ class Cascade:
                  threshold1: float = 0.5, # abnormal when p_abnormal >= threshold1
                  threshold2: float = 0.5, # malignant when p_malignant >= threshold2
                  config: Config|None = None, # the run config (preprocessing, input size); needed to predict from files
+                 calibrators: dict|None = None, # {stage: calibrate.Calibrator} fitted on validation (default: none, the identity)
                 ):
         self.stage1, self.stage2 = stage1, stage2
         self.threshold1, self.threshold2 = float(threshold1), float(threshold2)
         self.config = need_config(config, 'Cascade') if config is not None else None
+        self.calibrators = {s: Calibrator() for s in STAGES} | dict(calibrators or {})
 
     @property
     def task(self) -> str: return 'binary' if self.stage1 is None and (self.config is None or self.config.task == 'binary') else 'cascade'
 
+    @property
+    def calibrating(self) -> bool: return self.config is not None and self.config.calibration != 'none'
+
     def __repr__(self):
-        return f'Cascade(task={self.task!r}, threshold1={self.threshold1:.3f}, threshold2={self.threshold2:.3f})'
+        cal = f', calibration={self.config.calibration!r}' if self.calibrating else ''
+        return f'Cascade(task={self.task!r}, threshold1={self.threshold1:.3f}, threshold2={self.threshold2:.3f}{cal})'
 
 # %% ../nbs/05_cascade.ipynb #65e28edf
 def build_stage(config: Config) -> keras.Model:
@@ -128,6 +135,14 @@ def probabilities(self: Cascade, manifest: pd.DataFrame, # rows to predict (cach
     pa = _predict_manifest(self.stage1, manifest, c, batch_size, 'stage1') if self.stage1 is not None else np.full(len(manifest), np.nan)
     return pa, _predict_manifest(self.stage2, manifest, c, batch_size, 'stage2')
 
+# %% ../nbs/05_cascade.ipynb #dc8489d8
+@patch
+def calibrate(self: Cascade, p_abnormal, # stage-1 raw probabilities (NaN in binary mode)
+              p_malignant, # stage-2 raw probabilities
+             ) -> tuple[np.ndarray, np.ndarray]:
+    "Both stages' probabilities through their calibrators (unchanged with `calibration: none`)."
+    return self.calibrators['stage1'].apply(p_abnormal), self.calibrators['stage2'].apply(p_malignant)
+
 # %% ../nbs/05_cascade.ipynb #a9181ecf
 def _warn_precision_change(run: RunDir, config: Config) -> list[str]:
     "The precision settings that differ between the run's `metadata.json` and this machine, logged as a warning."
@@ -147,7 +162,7 @@ def fit(self: Cascade, manifest: pd.DataFrame, # manifest; split by patient when
         callbacks: list|None = None, # extra Keras callbacks for both stages
         verbose=0, # passed to model.fit
        ) -> Cascade:
-    "Train stage 1 (all images) and stage 2 (abnormal images), then choose both thresholds on validation rows."
+    "Train stage 1 (all images) and stage 2 (abnormal images), then calibrate (if the config says so) and choose both thresholds on validation rows."
     c = need_config(config if config is not None else self.config, 'Cascade.fit'); self.config = c
     if self.stage2 is None: fresh = Cascade.from_config(c); self.stage1, self.stage2 = fresh.stage1, fresh.stage2
     manifest = cache_manifest(ensure_split(manifest, c), c)
@@ -166,15 +181,27 @@ def fit(self: Cascade, manifest: pd.DataFrame, # manifest; split by patient when
     self.choose_thresholds(manifest[manifest['split'] == 'val'])
     return self
 
+# %% ../nbs/05_cascade.ipynb #3ce5ad69
+@patch
+def _fit_calibrators(self: Cascade, val_manifest: pd.DataFrame, pa: np.ndarray, pm: np.ndarray):
+    "Fit each stage's calibrator (config `calibration`) on the validation rows its threshold is chosen on."
+    method, ab = self.config.calibration, val_manifest['malignant'].notna().to_numpy()
+    if method == 'none': return
+    if self.stage1 is not None: self.calibrators['stage1'] = fit_calibrator(val_manifest['abnormal'].astype(bool), pa, method)
+    self.calibrators['stage2'] = fit_calibrator(val_manifest['malignant'][ab].astype(bool), pm[ab], method)
+    _log.info(f'{method} calibration from validation rows: ' + ', '.join(f'{s} {c}' for s, c in self.calibrators.items()))
+
 # %% ../nbs/05_cascade.ipynb #cd542c17
 @patch
 def choose_thresholds(self: Cascade, val_manifest: pd.DataFrame, # validation rows only (split == 'val')
                      ) -> Cascade:
-    "Set both thresholds from validation rows with the config's rule (Youden's J, a target sensitivity or a target specificity)."
+    "Fit the calibrators (config `calibration`), then set both thresholds on the calibrated validation scores with the config's rule."
     t = self.config.thresholds
     if 'split' in val_manifest and (val_manifest['split'] != 'val').any():
         raise DataError("choose_thresholds takes validation rows only (split == 'val'): thresholds must never see test data")
     pa, pm = self.probabilities(val_manifest)
+    self._fit_calibrators(val_manifest, pa, pm)
+    pa, pm = self.calibrate(pa, pm)
     if self.stage1 is not None: self.threshold1 = choose_threshold(val_manifest['abnormal'].astype(bool), pa, t.rule, t.target_sensitivity, t.target_specificity)
     ab = val_manifest['malignant'].notna().to_numpy()
     self.threshold2 = choose_threshold(val_manifest['malignant'][ab].astype(bool), pm[ab], t.rule, t.target_sensitivity, t.target_specificity)
@@ -208,7 +235,7 @@ def _to_cache(images, config, folder: Path) -> list[str]:
 def predict(self: Cascade, images, # a manifest, or a list of image paths / float32 arrays
             batch_size: int|None = None, # default: the config's batch size
            ) -> pd.DataFrame:
-    "Per image: `image_path`, `p_abnormal`, `p_malignant` and the three-class `pred_label` (+ `dataset`/`image_id` for a manifest)."
+    "Per image: `image_path`, (calibrated) `p_abnormal`, `p_malignant`, the three-class `pred_label` (+ `dataset`/`image_id` for a manifest; + `RAW_COLUMNS` when calibrating)."
     if self.config is None: raise ConfigError('this Cascade has no config: pass config= or use Cascade.load(dir)')
     if isinstance(images, (str, Path, np.ndarray)) and not (isinstance(images, np.ndarray) and images.ndim == 4):
         images = [images]
@@ -221,20 +248,22 @@ def predict(self: Cascade, images, # a manifest, or a list of image paths / floa
             m = pd.DataFrame({'cache_path': _to_cache(images, self.config, Path(tmp))})
             pa, pm = self.probabilities(m, batch_size)
         out = pd.DataFrame({'image_path': [str(x) if isinstance(x, (str, Path)) else None for x in images]})
-    out['p_abnormal'], out['p_malignant'] = pa, pm
-    out['pred_label'] = cascade_labels(pa, pm, self.threshold1, self.threshold2)
+    (out['p_abnormal'], out['p_malignant']), raw = self.calibrate(pa, pm), (pa, pm)
+    out['pred_label'] = cascade_labels(out['p_abnormal'], out['p_malignant'], self.threshold1, self.threshold2)
+    if self.calibrating: out[list(RAW_COLUMNS)] = np.c_[raw]
     return out
 
 # %% ../nbs/05_cascade.ipynb #0a908f6e
 @patch
 def save(self: Cascade, path, # the folder to write (replaced atomically)
         ) -> Path:
-    "Save both stages (with their SHA-256 in `cascade.json`), the thresholds and the preprocessing config into one folder (a `ModelDir`), atomically."
+    "Save both stages (with their SHA-256 in `cascade.json`), the thresholds, the calibrators and the preprocessing config into one folder (a `ModelDir`), atomically."
     if self.config is None: raise ConfigError('cannot save a Cascade without its config: pass config= when creating it')
     c = self.config
     meta = {'task': self.task, 'threshold1': self.threshold1, 'threshold2': self.threshold2,
             'threshold_rule': c.get('thresholds'), 'input_shape': [c.data.image_size, c.data.image_size, c.data.channels],
-            'wavelet': c.wavelet, 'stain': c.stain, 'input': c.data.input, 'resize': c.data.resize, 'packages': package_versions()}
+            'wavelet': c.wavelet, 'stain': c.stain, 'input': c.data.input, 'resize': c.data.resize, 'packages': package_versions(),
+            'calibration': {s: cal.to_dict() for s, cal in self.calibrators.items()}}
     with atomic_path(Path(path), is_dir=True) as tmp:
         out = ModelDir(tmp)
         for stage, model in (('stage1', self.stage1), ('stage2', self.stage2)):
@@ -285,15 +314,16 @@ def load(cls: Cascade, path, # a folder written by `Cascade.save`, or a run fold
     if not saved.exists() and RunDir(path).cascade.exists(): saved = RunDir(path).cascade
     meta = _check_meta(saved.read_meta(), saved)
     stage1 = _load_stage(saved, 'stage1', meta) if meta.get('task') == 'cascade' or saved.stage_model('stage1').exists() else None
-    return cls(stage1, _load_stage(saved, 'stage2', meta), meta['threshold1'], meta['threshold2'], config=saved.read_config())
+    cal = {s: Calibrator.from_dict((meta.get('calibration') or {}).get(s), f'{saved.meta_file}: calibration.{s}') for s in STAGES}
+    return cls(stage1, _load_stage(saved, 'stage2', meta), meta['threshold1'], meta['threshold2'], config=saved.read_config(), calibrators=cal)
 
 # %% ../nbs/05_cascade.ipynb #9326116a
 def predictions_frame(cascade: Cascade, # a fitted cascade
                       manifest: pd.DataFrame, # rows to predict (usually the test split)
                       fold: int|None = None, # fold number for out-of-fold predictions
                      ) -> pd.DataFrame:
-    "Predictions contract rows (+ `stage2_label`, the stage-2 decision alone) for a manifest."
-    pa, pm = cascade.probabilities(manifest)
+    "Predictions contract rows (+ `stage2_label`, the stage-2 decision alone; + `RAW_COLUMNS` when calibrating) for a manifest."
+    raw = cascade.probabilities(manifest); pa, pm = cascade.calibrate(*raw)
     m = manifest.reset_index(drop=True)
     out = pd.DataFrame({'dataset': m['dataset'], 'image_id': m['image_id'], 'image_path': m['image_path'],
                         'patient_id': m['patient_id'], 'split': m['split'] if 'split' in m else 'test',
@@ -301,7 +331,8 @@ def predictions_frame(cascade: Cascade, # a fitted cascade
                         'true_label': m['label'], 'p_abnormal': pa, 'p_malignant': pm})
     out['pred_label'] = cascade_labels(pa, pm, cascade.threshold1, cascade.threshold2)
     out['stage2_label'] = np.where(pm >= cascade.threshold2, 'malignant', 'benign')
-    return out[[*PREDICTION_COLUMNS, 'stage2_label']]
+    if cascade.calibrating: out[list(RAW_COLUMNS)] = np.c_[raw]
+    return out[[*PREDICTION_COLUMNS, 'stage2_label', *(RAW_COLUMNS if cascade.calibrating else ())]]
 
 # %% ../nbs/05_cascade.ipynb #6127da76
 def summarize_predictions(pred: pd.DataFrame, # Predictions contract rows with `stage2_label` (`predictions_frame`)
@@ -387,7 +418,8 @@ def run_from_config(config, # a Config, dict, YAML path or preset name: resolved
 
 # %% ../nbs/05_cascade.ipynb #ab11131e
 PREDICT_EXTRA = ('threshold_abnormal', 'threshold_malignant',        # the thresholds that made `pred_label`
-                 'breast_p_abnormal', 'breast_p_malignant', 'breast_label')  # with a views table: the breast's scores and label
+                 'breast_p_abnormal', 'breast_p_malignant', 'breast_label',  # with a views table: the breast's scores and label
+                 *RAW_COLUMNS)   # with a calibrating config: the stages' raw outputs (the p_ columns are calibrated)
 
 # %% ../nbs/05_cascade.ipynb #3afd14dd
 def _existing_files(paths: list) -> list[str]:

@@ -15,6 +15,7 @@ from .metrics import (
     BINARY_METRICS, MIN_PATIENTS, MIN_PER_CLASS, AGGREGATIONS, AUCComparison, Metrics, aggregate_breasts, binary_metrics,
     bootstrap_weights, choose_threshold, compare_auc, degenerate_interval, delong_covariance, markdown_table, markdown_text, metrics_table,
     multiclass_metrics, operating_points, expected_calibration_error, sample_size_note, _as_binary, _check_scores, group_codes, _percentile_ci, _RankCurves, _table, _div)
+from .calibrate import RAW_COLUMNS
 from .audit import (
     NEAR_DUPLICATE_BITS, HASH_SIZE, SplitAudit, audit_html, audit_split, hash_distances, perceptual_hashes)
 
@@ -33,12 +34,13 @@ _log = get_logger('evaluate')
 
 # %% ../nbs/06_evaluate.ipynb #ce9b68ee
 def _check_values(df: pd.DataFrame, where: str = 'predictions') -> pd.DataFrame:
-    "`df` with float probabilities, when every true label is known and both lie in [0, 1]; else a `DataError` naming `where` and the rows."
-    for c in ('p_abnormal', 'p_malignant'): df[c] = pd.to_numeric(df[c], errors='coerce').astype(float)
+    "`df` with float probabilities, when every true label is known and all (raw ones too, if any) lie in [0, 1]; else a `DataError` naming `where` and the rows."
+    cols = ['p_abnormal', 'p_malignant', *(c for c in RAW_COLUMNS if c in df)]   # the raw ones of a calibrated run too
+    for c in cols: df[c] = pd.to_numeric(df[c], errors='coerce').astype(float)
     bad = ~df['true_label'].isin(LABELS)
     if bad.any():
         raise DataError(f"{where}: rows {list(df.index[bad][:5])} have true_label {sorted(set(df.loc[bad, 'true_label'].astype(str)))}; expected one of {LABELS}")
-    for c in ('p_abnormal', 'p_malignant'):
+    for c in cols:
         out = (df[c] < 0) | (df[c] > 1)
         if out.any(): raise DataError(f"{where}: column {c} has values outside [0, 1] in rows {list(df.index[out][:5])}")
     return df
@@ -410,8 +412,8 @@ _CHECKLIST = [
     ('TRIPOD+AI 12g / CLAIM 29-31', 'performance metrics with uncertainty', 'report', 'patient-bootstrap 95% CIs; sample-size marks'),
     ('TRIPOD+AI 12f / CLAIM 32', 'subgroup (fairness) analysis', 'model card', 'metrics by density, abnormality type, view, magnification, age band where present'),
     ('TRIPOD+AI 20 / CLAIM 33', 'participant flow and numbers per split', 'report', 'patients and images per split and label'),
-    ('TRIPOD+AI 23 / CLAIM 37', 'calibration', 'report', 'reliability diagram and Brier score'),
-    ('TRIPOD+AI 18 / CLAIM 38', 'external validation', 'user', 'a second dataset or site; this toolkit evaluates one split of one dataset'),
+    ('TRIPOD+AI 23 / CLAIM 37', 'calibration', 'report', 'ECE and Brier with CIs; reliability diagram before/after recalibration on validation (config calibration)'),
+    ('TRIPOD+AI 18 / CLAIM 38', 'external validation', 'report', 'external section: breast-cancer evaluate --run RUN --dataset NAME (thresholds from the run)'),
     ('TRIPOD+AI 14 / CLAIM 35', 'explainability and failure analysis', 'report', 'misclassified gallery, Grad-CAM and saliency'),
     ('TRIPOD+AI 16 / CLAIM 42-44', 'code, model and data availability', 'user', 'where the code, weights and data are published'),
     ('TRIPOD+AI 27', 'clinical implications, intended use, limitations', 'model card', 'intended use and non-use sections; discussion is the author\'s'),
@@ -684,11 +686,13 @@ def plot_calibration(y_true, # true class per case (bool or 0/1)
                      n_bins: int = 10, # number of bins
                      strategy: str = 'quantile', # 'uniform' or 'quantile' bins (sklearn.calibration.calibration_curve)
                      title: str = 'calibration',
+                     y_score_raw=None, # the same cases' uncalibrated scores: drawn 'before' beside a single `y_score` 'after'
+                     unit: str = 'images', # what a case is, for the title's n
                     ):
-    "Reliability diagram (observed fraction positive vs mean predicted probability) with the Brier score and ECE, and a histogram of scores."
+    "Reliability diagram (observed fraction positive vs mean predicted probability) with the Brier score and ECE, and a histogram of scores; before/after recalibration with `y_score_raw`."
     from sklearn.calibration import calibration_curve
     y = _as_binary(y_true)
-    scores = y_score if isinstance(y_score, dict) else {'model': y_score}
+    scores = {'before (raw)': y_score_raw, 'after (calibrated)': y_score} if y_score_raw is not None else y_score if isinstance(y_score, dict) else {'model': y_score}
     fig, (ax, axh) = _new_fig(2, 1, figsize=(4.6, 5.4), gridspec_kw=dict(height_ratios=[3, 1]), sharex=True)
     ax.plot([0, 1], [0, 1], ls='--', c='grey', lw=1, label='perfectly calibrated')
     for name, s in scores.items():
@@ -696,7 +700,7 @@ def plot_calibration(y_true, # true class per case (bool or 0/1)
         frac, mean = calibration_curve(y, s, n_bins=n_bins, strategy=strategy)
         ax.plot(mean, frac, marker='o', label=f'{name} (Brier {skm.brier_score_loss(y, s):.3f}, ECE {expected_calibration_error(y, s, n_bins):.3f})')
         axh.hist(s, bins=20, range=(0, 1), alpha=0.5, label=name)
-    ax.set(ylabel='observed fraction positive', xlim=(0, 1), ylim=(0, 1), title=title); ax.legend(fontsize=8)
+    ax.set(ylabel='observed fraction positive', xlim=(0, 1), ylim=(0, 1), title=f'{title} (n = {len(y)} {unit})'); ax.legend(fontsize=8)
     axh.set(xlabel='predicted probability', ylabel='cases')
     return fig
 

@@ -201,6 +201,8 @@ def external_record(self: RunDir) -> Path:
     "The record of an external validation (`external.json`), in the folder `RunDir.external` gives."
     return self.path/'external.json'
 
+
+# %% ../nbs/00b_rundir.ipynb #b3333410
 @patch
 def externals(self: RunDir) -> list[RunDir]:
     "The run's external validations that finished (their record exists), by name."
