@@ -47,7 +47,7 @@ setuptools.setup(
     packages=setuptools.find_packages(include=['breast_cancer', 'breast_cancer.*']),
     include_package_data=True,
     # The presets, report templates, checksum lists, published results and the two bundled samples (~13 MB) travel in the wheel.
-    package_data={'breast_cancer': ['templates/*.ipynb', 'configs/*.yaml', 'checksums/*.sha256', 'samples/*/*', 'published_results.yaml', 'measured_learning.yaml']},
+    package_data={'breast_cancer': ['templates/*.ipynb', 'configs/*.yaml', 'checksums/*.sha256', 'samples/*/*', 'published_results.yaml', 'measured_learning.yaml', 'measured_protocols.yaml']},
     install_requires=requirements,
     extras_require={'dev': dev_requirements, 'mlflow': ['mlflow>=2.12']},  # tracking: mlflow (optional, never required)
     python_requires='>=' + min_python,

@@ -33,6 +33,7 @@ _EXAMPLES = {  # subcommand: the examples its --help ends with
                 'breast-cancer predict --model runs/demo/cascade scans/*.dcm --out predictions.csv'],
     'split': ['breast-cancer split --config demo --out split.csv',
               'breast-cancer train --config demo --set data.split_file=split.csv    # train on that split again'],
+    'protocols': ['breast-cancer protocols --config demo', 'breast-cancer protocols --config demo --models baseline,forest --out protocols/'],
     'audit': ['breast-cancer audit --config demo', 'breast-cancer audit --manifest my_split.csv --out audit.html'],
     'bench': ['breast-cancer bench wavelet --n 4 --size 512', 'breast-cancer bench cache-scale --films 128 --workers 2',
               'breast-cancer bench learn --config demo --size 64 --every 25 --time-limit 900',
@@ -335,6 +336,27 @@ def _add_split(sub):
     sp.add_argument('--set', **_OVERRIDE)
     sp.add_argument('--out', required=True, help='the CSV to write: dataset, image_id, patient_id, split, exclusion, reason')
 
+# %% ../nbs/08_cli.ipynb #f77d469c
+def _protocols(args):
+    from breast_cancer.config import apply_overrides
+    from breast_cancer.protocols import run_protocols
+    models = tuple(m.strip() for m in args.models.split(',') if m.strip())
+    out = run_protocols(apply_overrides(args.config, args.set), args.out, models=models, n_boot=args.n_boot, k=args.copies, demo_steps=args.demo_steps)
+    print(f"{out/'protocols.csv'}\n{out/'protocols.md'}")
+
+# %% ../nbs/08_cli.ipynb #935448ea
+def _add_protocols(sub):
+    sp = _subcommand(sub, 'protocols', _protocols, "the same models on the same images under three split protocols (patient, image, "
+                     "augment-then-split): AUC and accuracy with patient-bootstrap CIs, the published claim and the leakage audit's verdict")
+    sp.add_argument('--config', required=True, help=_CONFIG_HELP)
+    sp.add_argument('--set', **_OVERRIDE)
+    sp.add_argument('--out', default=None, help='folder for protocols.csv and protocols.md (default: reports/protocols)')
+    sp.add_argument('--models', default='baseline,forest,demo', help='comma-separated: baseline (wavelet texture + logistic regression), '
+                    'forest (same features, random forest), demo (small CNN)')
+    sp.add_argument('--copies', type=int, default=4, help='augment-then-split: copies per image, the image itself included')
+    sp.add_argument('--n-boot', type=int, default=1000, help='patient-bootstrap replicates')
+    sp.add_argument('--demo-steps', type=int, default=200, help='training steps of the demo network per protocol')
+
 # %% ../nbs/08_cli.ipynb #8ee371b9
 _BENCHMARKS = ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'pipeline', 'distribute', 'gpu']
 
@@ -357,7 +379,7 @@ def build_parser(benchmarks: bool = True, # add the benchmarks' own parsers (imp
     p.add_argument('--version', action='version', version=f'breast-cancer {__version__}')
     p.add_argument('-v', '--verbose', action='count', default=0, help='-v: info messages and progress; -vv: debug and TensorFlow logs')
     sub = p.add_subparsers(dest='command', metavar='COMMAND')
-    for add in (_add_configs, _add_download, _add_prepare, _add_train, _add_evaluate, _add_report, _add_predict, _add_audit, _add_split): add(sub)
+    for add in (_add_configs, _add_download, _add_prepare, _add_train, _add_evaluate, _add_report, _add_predict, _add_audit, _add_split, _add_protocols): add(sub)
     _add_bench(sub, benchmarks)
     return p
 
