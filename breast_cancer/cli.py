@@ -23,7 +23,6 @@ _EXAMPLES = {  # subcommand: the examples its --help ends with
               'breast-cancer train --config demo --quick -v --workers 2    # 2 local worker processes',
               'breast-cancer train --config demo --set train.epochs=5 --set data.image_size=128'],
     'evaluate': ['breast-cancer evaluate --run runs/demo',
-                 'breast-cancer evaluate --run runs/demo --predictions oof --n-boot 500',
                  'breast-cancer evaluate --run runs/demo --dataset mias --data-root site_b/    # external validation on another site',
                  'breast-cancer evaluate --run runs/cbis --dataset cmmd --rechoose 0.3    # thresholds re-chosen on 30% of its patients'],
     'report': ['breast-cancer report --datasets mias --config demo --quick',
