@@ -18,7 +18,7 @@ from .histo import load_idc, idc_records, scan_files
 from .wavelet import AT_DEFAULT, WaveletPreprocessor, wavelet_denoise
 from .metrics import binary_metrics, group_codes
 from .learn import (LEARN_TASKS, add_lesion, bench_learn, learn_note, learnability, record_learn,
-                                 synthetic_task)   # the learnability check: its own page
+                                 synthetic_task, bench_two_view, two_view_task)   # the learnability check and the two-view benchmark: their own page
 from .speed import (_best, _peak_mb, T4_ESTIMATES, bench_pipeline, bench_gpu,   # the speed benchmarks: their own page
                                  bench_distribute)
 
@@ -412,6 +412,8 @@ _CLI = {  # name on the command line: (function, an example, its flags)
     'bootstrap': (bench_bootstrap, 'breast-cancer bench bootstrap --n-boot 2000', 'n=n_images patients=n_patients n_boot compare_sklearn seed'),
     'learn': (bench_learn, 'breast-cancer bench learn --config demo --size 64 --every 25 --time-limit 900',
               'config models steps every=eval_every size=image_size batch_size task amplitude kind time-limit=time_limit_s record'),
+    'two-view': (bench_two_view, 'breast-cancer bench two-view --steps 600 --every 100 --fusion attention',
+                 'config steps every=eval_every size=image_size batch_size amplitude fusion backbone n_boot time-limit=time_limit_s'),
     'pipeline': (bench_pipeline, 'breast-cancer bench pipeline --size 224', 'config size batch_size steps warmup repeats model_steps backbone'),
     'distribute': (bench_distribute, 'breast-cancer bench distribute --config demo --size 64 --backbone small_cnn',
                    'config size=image_size batch_size steps replicas backbone mixed_precision xla'),

@@ -357,7 +357,7 @@ def _add_protocols(sub):
     sp.add_argument('--demo-steps', type=int, default=200, help='training steps of the demo network per protocol')
 
 # %% ../nbs/08_cli.ipynb #8ee371b9
-_BENCHMARKS = ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'pipeline', 'distribute', 'gpu']
+_BENCHMARKS = ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'two-view', 'pipeline', 'distribute', 'gpu']
 
 def _bench(args):
     from breast_cancer.bench import run_bench

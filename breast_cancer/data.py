@@ -33,7 +33,7 @@ _log = get_logger('data')
 _all_ = ['NONFINITE', 'read_image', 'read_resized', 'resize_longer', 'write_pgm', 'write_dicom',
          'read_checksums', 'safe_extract', 'verify_checksums',   # io
          'PEAK_BYTES_PER_PIXEL', 'image_cache_key', 'transform_and_resize', 'cache_file_problem', 'cache_images', 'load_cached']  # cache
-__getattr__ = moved_names('breast_cancer.data', {'bench_cache': 'bench',   # benchmarks live in `bench`
+__getattr__ = moved_names('breast_cancer.data', {'bench_cache': 'bench', 'view_pairs': 'twoview',   # benchmarks: `bench`; breast pairs: `twoview`
                                                       **{n: 'fetch' for n in ('MIAS_URL', 'INSTRUCTIONS', 'checksums_file', 'download')}})   # downloads: `fetch`
 
 # %% ../nbs/01_data.ipynb #bf6ec22a

@@ -16,7 +16,7 @@ from .metrics import markdown_table
 
 # %% auto #0
 __all__ = ['LEARN_TASKS', 'LEARN_RECORD', 'learnability', 'add_lesion', 'synthetic_task', 'record_learn', 'bench_learn',
-           'learn_note']
+           'learn_note', 'two_view_task', 'bench_two_view']
 
 # %% ../nbs/09a_learn.ipynb #31007c12
 def _tissue_centre(img, margin, rng):
@@ -45,7 +45,27 @@ def add_lesion(img: np.ndarray, # float32 image in [0, 1], (H, W) or (H, W, C)
     if img.ndim == 3: bump = bump[..., None]
     return np.clip(img + amplitude * bump, 0, 1).astype(np.float32)
 
-# %% ../nbs/09a_learn.ipynb #4e6235be
+# %% ../nbs/09a_learn.ipynb #8c27e0a8
+def _normal_films(c: Config) -> pd.DataFrame:
+    "The config's normal films (all films when fewer than 20 are normal), cached with its preprocessing."
+    from breast_cancer import train as bc_train   # the config's manifest and cache (TensorFlow loads with it)
+    m = bc_train.load_manifest(c)
+    normal = m[~m['abnormal'].astype(bool)] if 'abnormal' in m else m
+    if len(normal) >= 20: m = normal
+    return bc_train.cache_manifest(m.reset_index(drop=True), c, progress=False)
+
+# %% ../nbs/09a_learn.ipynb #a0054337
+def _with_lesions(m: pd.DataFrame, positive: set, folder, lesion: tuple, rng, decoys=frozenset()) -> pd.DataFrame:
+    "`m` with every film of a `positive` patient given a lesion (`add_lesion(*lesion)`), and the `decoys` (image ids) one that does not count; .npy files in `folder`."
+    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
+    paths, labels = [], []
+    for row in m.itertuples():
+        img = np.asarray(load_cached(row.cache_path), np.float32)
+        if row.patient_id in positive or row.image_id in decoys: img = add_lesion(img, *lesion, rng)
+        p = folder/f'{row.dataset}_{row.image_id}.npy'; np.save(p, img); paths.append(str(p)); labels.append(row.patient_id in positive)
+    return m.assign(cache_path=paths, abnormal=labels, malignant=pd.NA, label=np.where(labels, 'lesion', 'normal'))
+
+# %% ../nbs/09a_learn.ipynb #f918ca3e
 def synthetic_task(config, # a Config, a preset name or a YAML path: its datasets and preprocessing
                    folder, # where the synthetic images (.npy) are written
                    amplitude: float = 0.5, # lesion brightness (images are in [0, 1])
@@ -54,23 +74,10 @@ def synthetic_task(config, # a Config, a preset name or a YAML path: its dataset
                    seed: int = 0, # which patients get lesions, and where
                   ) -> pd.DataFrame:
     "A manifest of normal films with `abnormal` = has a synthetic lesion (half of the patients), split by patient."
-    from breast_cancer import train as bc_train   # the config's manifest and cache (TensorFlow loads with it)
     c = load_config(config)
-    m = bc_train.load_manifest(c)
-    normal = m[~m['abnormal'].astype(bool)] if 'abnormal' in m else m
-    if len(normal) >= 20: m = normal
-    m = bc_train.cache_manifest(m.reset_index(drop=True), c, progress=False)
-    rng = np.random.default_rng(seed)
+    m, rng = _normal_films(c), np.random.default_rng(seed)
     patients = m['patient_id'].unique()
-    positive = set(rng.permutation(patients)[:len(patients) // 2])
-    folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-    paths, labels = [], []
-    for row in m.itertuples():
-        img = np.asarray(load_cached(row.cache_path), np.float32)
-        lesion = row.patient_id in positive
-        if lesion: img = add_lesion(img, amplitude, size, kind, rng)
-        p = folder/f'{row.dataset}_{row.image_id}.npy'; np.save(p, img); paths.append(str(p)); labels.append(lesion)
-    out = m.assign(cache_path=paths, abnormal=labels, malignant=pd.NA, label=np.where(labels, 'lesion', 'normal'))
+    out = _with_lesions(m, set(rng.permutation(patients)[:len(patients) // 2]), folder, (amplitude, size, kind), rng)
     return patient_split(out.drop(columns=['split'], errors='ignore'), c.data.test_size, c.data.val_size, seed=seed)
 
 # %% ../nbs/09a_learn.ipynb #b42cf4c5
@@ -252,3 +259,109 @@ def learn_note(config: Config, # the run's config (its `name` picks the record)
                if short else ", more than that. ")
             + "The stand-in CNN trains through the same pipeline (data, cache, augmentation, schedule): its curve shows that "
             "the pipeline itself learns.")
+
+# %% ../nbs/09a_learn.ipynb #34fe774d
+def two_view_task(config, # a Config, a preset name or a YAML path: its datasets and preprocessing
+                  folder, # where the synthetic images (.npy) are written
+                  amplitude: float = 0.4, # lesion brightness (images are in [0, 1])
+                  size: float = 4 / 64, # lesion sigma/radius as a fraction of the longer image side
+                  kind: str = 'blob', # 'blob' or 'disc'
+                  seed: int = 0, # which films pair up, which breasts get lesions, and where
+                  test_size: float = 0.4, # fraction of the breasts held out for the test AUC
+                  decoy: bool = True, # negative breasts get the same lesion in ONE view: a false mass of one projection
+                 ) -> pd.DataFrame:
+    "Normal films paired at random into synthetic breasts (one CC, one MLO), a lesion in both views of half of them, split by breast."
+    c = load_config(config)
+    m, rng = _normal_films(c), np.random.default_rng(seed)
+    m = m.iloc[rng.permutation(len(m))[:len(m) // 2 * 2]].reset_index(drop=True)
+    k = np.arange(len(m))
+    m = m.assign(patient_id=[f'breast{j:03d}' for j in k // 2], laterality='L', view=np.where(k % 2 == 0, 'CC', 'MLO'))
+    breasts = m['patient_id'].unique()
+    positive = set(rng.permutation(breasts)[:len(breasts) // 2])
+    decoys = {g['image_id'].iloc[rng.integers(2)] for b, g in m.groupby('patient_id') if decoy and b not in positive}
+    out = _with_lesions(m, positive, folder, (amplitude, size, kind), rng, decoys)
+    out = out.assign(label=np.where(out['abnormal'], 'malignant', 'normal'), malignant=out['abnormal'])   # manifest labels, for view_pairs
+    return patient_split(out.drop(columns=['split'], errors='ignore'), test_size, 0.0, seed=seed)
+
+# %% ../nbs/09a_learn.ipynb #b93d5ec4
+def _auc_row(name: str, step: int, t0: float, y, score, groups, n_boot: int, seed: int) -> dict:
+    "One measurement of the two-view curve: the test AUC and its patient-bootstrap CI (`metrics.binary_metrics`)."
+    from breast_cancer.metrics import binary_metrics
+    m = binary_metrics(np.asarray(y, bool), np.asarray(score, float), groups=groups, n_boot=n_boot, seed=seed)
+    lo, hi = m.interval('roc_auc')
+    return {'model': name, 'step': int(step), 'seconds': round(time.perf_counter() - t0, 1), 'test_auc': m['roc_auc'],
+            'lower': lo, 'upper': hi, 'cases': m.n_images}
+
+# %% ../nbs/09a_learn.ipynb #ff8cc08a
+def _single_view_rows(net, test: pd.DataFrame, c, step: int, t0: float, n_boot: int) -> list[dict]:
+    "The single-view model on the test films: its per-image AUC, and its per-breast AUC after `evaluate.aggregate_views` (mean)."
+    from breast_cancer import train as bc_train, evaluate as bc_eval
+    p = np.asarray(net.predict(bc_train.make_dataset(test, c, labels=False, batch_size=64), verbose=0)).reshape(-1)
+    preds = pd.DataFrame({'dataset': test['dataset'], 'image_id': test['image_id'], 'image_path': test['image_path'], 'patient_id': test['patient_id'],
+                          'split': 'test', 'fold': np.nan, 'true_label': np.where(test['abnormal'], 'malignant', 'normal'),
+                          'p_abnormal': p, 'p_malignant': np.nan, 'pred_label': '', 'laterality': test['laterality'], 'view': test['view']})
+    breasts = bc_eval.aggregate_views(preds, 'p_abnormal', 'breast', 'mean')
+    return [_auc_row('single view (image)', step, t0, test['abnormal'], p, test['patient_id'], n_boot, c.seed),
+            _auc_row('single view + mean', step, t0, breasts['y_true'], breasts['score'], breasts['patient_id'], n_boot, c.seed)]
+
+# %% ../nbs/09a_learn.ipynb #de6a9c06
+def _two_view_rows(net, pairs: pd.DataFrame, c, step: int, t0: float, n_boot: int, fusion: str) -> list[dict]:
+    "The two-view model on the test breasts (`twoview.predict_breasts`): its per-breast AUC."
+    from breast_cancer import twoview
+    p = twoview.predict_breasts(net, pairs, c, batch_size=64)
+    return [_auc_row(f'two-view ({fusion})', step, t0, pairs['abnormal'], p['p_abnormal'], pairs['patient_id'], n_boot, c.seed)]
+
+# %% ../nbs/09a_learn.ipynb #fa77b746
+def _fit_measured(net, train_ds, measure, steps: int, eval_every: int, c, time_limit_s, log_fn) -> list[dict]:
+    "Train `net` `eval_every` steps at a time up to `steps`, calling `measure(step)` after each chunk; the rows it returns."
+    from breast_cancer import train as bc_train
+    bc_train.compile_for_config(net, c, steps_per_epoch=eval_every)
+    rows, t0 = [], time.perf_counter()
+    for e in range(max(1, steps // eval_every)):
+        net.fit(train_ds, initial_epoch=e, epochs=e + 1, steps_per_epoch=eval_every, shuffle=False, verbose=0)
+        for r in measure((e + 1) * eval_every): rows.append(r); (log_fn or (lambda r: None))(r)
+        if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s: break
+    return rows
+
+# %% ../nbs/09a_learn.ipynb #ca0a5644
+def _print_two_view_row(r):
+    "Print one measurement of the two-view curve."
+    print(f"{r['model']:>22s}  step {r['step']:5d}  {r['seconds']:7.1f} s  test AUC {r['test_auc']:.3f} "
+          f"[{r['lower']:.3f}, {r['upper']:.3f}]  ({r['cases']} cases)", flush=True)
+
+# %% ../nbs/09a_learn.ipynb #70effe7f
+def bench_two_view(config='demo', # the run config: data, preprocessing, optimizer and schedule (its backbone with backbone='config')
+                   steps: int = 600, # training steps per model
+                   eval_every: int = 100, # steps between test-AUC measurements
+                   image_size: int = 64, # model input size
+                   batch_size: int = 16, # breasts per two-view batch (the single-view batch holds their 2 × batch_size films)
+                   amplitude: float = 0.4, # lesion brightness: faint, so that one view alone is a poor classifier
+                   size: float = 4 / 64, # lesion sigma as a fraction of the image side
+                   fusion: str = 'attention', # the two-view model's fusion: 'concat', 'mean' or 'attention'
+                   backbone: str = 'small_cnn', # 'small_cnn' (minutes on a CPU) or 'config' (the config's backbone and weights)
+                   n_boot: int = 1000, # bootstrap replicates of each CI
+                   time_limit_s: float|None = None, # stop a model's training after this many seconds
+                   workdir=None, # folder for the synthetic images (default: a temporary folder, removed)
+                   log_fn=_print_two_view_row, # called with each measurement (a dict); None = silent
+                  ) -> pd.DataFrame:
+    "Single-view model + mean over views against the two-view model on a synthetic two-view task: test AUC (CI) by step."
+    from breast_cancer import twoview, cascade as bc_cascade, train as bc_train
+    check_choice(backbone, ('small_cnn', 'config'), 'bench_two_view: backbone')
+    c = _learn_config(config, steps, eval_every, image_size, 2 * batch_size, {'model.fusion': fusion, 'train.class_imbalance': 'none'})
+    work = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix='bc-two-view-'))
+    try:
+        task = two_view_task(c, work/'images', amplitude, size, seed=c.seed)
+        train, test = task[task['split'] == 'train'], task[task['split'] == 'test']
+        pairs = {s: twoview.view_pairs(task[task['split'] == s], c.data.views) for s in ('train', 'test')}
+        seed_everything(c.seed)
+        single = bc_cascade.small_stage(c) if backbone == 'small_cnn' else bc_cascade.build_stage(c)
+        rows = _fit_measured(single, bc_train.make_dataset(train, c, training=True), lambda s: _single_view_rows(single, test, c, s, t0, n_boot),
+                             steps, eval_every, c, time_limit_s, log_fn) if (t0 := time.perf_counter()) else []
+        seed_everything(c.seed)
+        tv = twoview.two_view_from_config(c, small=backbone == 'small_cnn')
+        rows += _fit_measured(tv, twoview.make_pair_dataset(pairs['train'], c, training=True, batch_size=batch_size),
+                              lambda s: _two_view_rows(tv, pairs['test'], c, s, t1, n_boot, fusion), steps, eval_every, c, time_limit_s,
+                              log_fn) if (t1 := time.perf_counter()) else []
+        return pd.DataFrame(rows)
+    finally:
+        if workdir is None: shutil.rmtree(work, ignore_errors=True)

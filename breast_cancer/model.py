@@ -13,8 +13,10 @@ import numpy as np
 import keras
 import tensorflow as tf
 from keras import ops
-from .core import ConfigError, WeightsUnavailableError, get_logger
+from .core import ConfigError, WeightsUnavailableError, get_logger, moved_names
 from .config import Config, check_choice, choices, need_config
+_log = get_logger('model')
+__getattr__ = moved_names('breast_cancer.model', {n: 'twoview' for n in ('build_two_view_model', 'two_view_from_config')})   # lazy: twoview comes later
 
 # %% auto #0
 __all__ = ['CLR_MODES', 'BACKBONES', 'HEADS', 'CyclicalLearningRate', 'TriangularCyclicalLearningRate',
@@ -24,9 +26,6 @@ __all__ = ['CLR_MODES', 'BACKBONES', 'HEADS', 'CyclicalLearningRate', 'Triangula
            'unfreeze_top_blocks', 'use_mixed_precision', 'build_model', 'build_resnet50', 'refresh_batchnorm',
            'compile_model', 'LRFinderResult', 'lr_find', 'fine_tune_phases', 'fit_phases', 'fine_tune',
            'precision_settings', 'small_cnn']
-
-# %% ../nbs/03_model.ipynb #d1b3622a
-_log = get_logger('model')
 
 # %% ../nbs/03_model.ipynb #4f033416
 _SCALE_MODES = ('cycle', 'iterations')

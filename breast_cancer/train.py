@@ -22,17 +22,18 @@ from .distribute import (  # re-exported: they lived here before the distribute 
     distribute_info, is_chief, worker_run_dir, from_chief, sync_from_chief, weights_checksum, fit_distributed,
     fit_function, free_ports, worker_tf_configs, launch_workers, worker_command)
 from .augment import augment_batch, batch_seed  # re-exported: augment_batch lived here before the augment module
+from .tracking import LearningRateLogger, InputImagesLogger, MLflowLogger, tracking_callbacks  # re-exported: they lived here before
 
 # %% auto #0
 __all__ = ['TARGETS', 'load_manifest', 'wavelet_preprocessor', 'image_transform', 'cache_manifest', 'roi_boxes', 'class_weights',
            'oversample_indices', 'target_rows', 'make_dataset', 'run_metadata', 'init_run_dir', 'save_model_atomic',
-           'AtomicModelCheckpoint', 'EpochBackup', 'clr_schedule', 'compile_for_config', 'LearningRateLogger',
-           'InputImagesLogger', 'MLflowLogger', 'tracking_callbacks', 'stage_datasets', 'history_from_csv',
-           'ensure_split', 'write_split', 'train', 'read_tensorboard', 'stage_done', 'SCHEMA', 'Config', 'load_config',
-           'strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu', 'global_batch_size', 'lr_factor',
-           'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief', 'sync_from_chief', 'weights_checksum',
-           'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs', 'launch_workers', 'worker_command',
-           'augment_batch', 'package_versions', 'git_commit', 'hardware_info', 'manifest_hash']
+           'AtomicModelCheckpoint', 'EpochBackup', 'clr_schedule', 'compile_for_config', 'stage_datasets',
+           'history_from_csv', 'ensure_split', 'write_split', 'train', 'read_tensorboard', 'stage_done', 'SCHEMA',
+           'Config', 'load_config', 'strategy_kind', 'distribute_strategy', 'distribute_scope', 'split_cpu',
+           'global_batch_size', 'lr_factor', 'distribute_info', 'is_chief', 'worker_run_dir', 'from_chief',
+           'sync_from_chief', 'weights_checksum', 'fit_distributed', 'fit_function', 'free_ports', 'worker_tf_configs',
+           'launch_workers', 'worker_command', 'augment_batch', 'package_versions', 'git_commit', 'hardware_info',
+           'manifest_hash']
 
 # %% ../nbs/04_train.ipynb #03677417
 _log = get_logger('train')
@@ -436,79 +437,6 @@ def compile_for_config(model, # a Keras model
     return bc_model.compile_model(model, learning_rate=clr_schedule(c, steps_per_epoch, _phase_scale(c, phase)),
                                   optimizer=c.train.optimizer, momentum=c.train.momentum, metrics=bc_model.default_metrics(1),
                                   jit_compile=p['xla'], steps_per_execution=_steps_per_call(p['steps_per_execution'], steps_per_epoch))
-
-# %% ../nbs/04_train.ipynb #1d31cb7a
-class LearningRateLogger(keras.callbacks.Callback):
-    "Write the optimizer's learning rate at every training step to TensorBoard (`learning_rate`)."
-    def __init__(self, log_dir): super().__init__(); self.log_dir = str(log_dir)
-    def on_train_begin(self, logs=None):
-        import tensorflow as tf
-        self.writer = tf.summary.create_file_writer(self.log_dir)
-    def on_train_batch_begin(self, batch, logs=None):  # iterations = the step about to run, so this is its rate
-        import tensorflow as tf
-        opt = self.model.optimizer
-        with self.writer.as_default():
-            tf.summary.scalar('learning_rate', float(keras.ops.convert_to_numpy(opt.learning_rate)), step=int(opt.iterations.numpy()))
-    def on_train_end(self, logs=None): self.writer.close()
-
-# %% ../nbs/04_train.ipynb #30dd4a9b
-class InputImagesLogger(keras.callbacks.Callback):
-    "Write a few images of the first training batch (augmented, as the network sees them; raw batches scaled) to TensorBoard, once."
-    def __init__(self, log_dir, dataset, n: int = 6): super().__init__(); self.log_dir, self.dataset, self.n = str(log_dir), dataset, n
-    def on_train_begin(self, logs=None):
-        import tensorflow as tf
-        x, y = next(iter(self.dataset.take(1)))
-        with tf.summary.create_file_writer(self.log_dir).as_default():
-            tf.summary.image('augmented inputs', tf.clip_by_value(bc_augment.to_unit_float(x[:self.n]), 0., 1.), step=0, max_outputs=self.n,
-                             description='labels: ' + ', '.join(str(int(v)) for v in np.ravel(y[:self.n])))
-
-# %% ../nbs/04_train.ipynb #d6c8a5ec
-def _flat(d: dict, prefix: str = '') -> dict:
-    "A nested config as {'train.epochs': 20, ...} (MLflow parameters are flat strings)."
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict): out.update(_flat(v, f'{prefix}{k}.'))
-        else: out[f'{prefix}{k}'] = str(v)[:500]
-    return out
-
-# %% ../nbs/04_train.ipynb #d800a901
-class MLflowLogger(keras.callbacks.Callback):
-    "Log a stage to MLflow: the config as parameters, the epoch metrics, and at the end the best checkpoint and history."
-    def __init__(self, config: Config, stage_dir, stage: str):
-        super().__init__()
-        try: import mlflow
-        except ImportError as e:
-            raise ConfigError("tracking: mlflow needs the mlflow package: pip install 'breast_cancer[mlflow]' "
-                              "(or set tracking: tensorboard)") from e
-        self.mlflow, self.config, self.stage_dir, self.stage = mlflow, need_config(config, 'MLflowLogger'), StageDir(stage_dir), stage
-    def on_train_begin(self, logs=None):
-        mlf = self.mlflow
-        if not os.environ.get('MLFLOW_TRACKING_URI'): mlf.set_tracking_uri((self.stage_dir.path.parent.parent/'mlruns').resolve().as_uri())
-        mlf.set_experiment(self.config.name)
-        self.run = mlf.start_run(run_name=f'{self.config.name}/{self.stage}')
-        mlf.log_params({**_flat(self.config.to_dict()), 'stage': self.stage, 'config_hash': self.config.hash()})
-    def on_epoch_end(self, epoch, logs=None):
-        self.mlflow.log_metrics({k: float(v) for k, v in (logs or {}).items() if np.isscalar(v) and np.isfinite(v)}, step=epoch)
-    def on_train_end(self, logs=None):
-        for f in (self.stage_dir.best_model, self.stage_dir.history_csv):
-            if f.exists(): self.mlflow.log_artifact(str(f))
-        self.mlflow.end_run()
-
-# %% ../nbs/04_train.ipynb #6f7daa7c
-def tracking_callbacks(config: Config, # a resolved Config (load_config); `tracking`: tensorboard, mlflow or none
-                       run_dir, # the run folder: logs go to run_dir/tensorboard/<stage>
-                       stage: str, # 'stage1' or 'stage2'
-                       train_ds=None, # the training dataset (a few augmented inputs are logged from it)
-                      ) -> list:
-    "The tracking callbacks a config asks for: TensorBoard (scalars, per-step LR, input images), plus MLflow when asked."
-    c = need_config(config, 'tracking_callbacks')
-    if c.tracking == 'none': return []
-    logs = RunDir(run_dir).tensorboard_dir(stage)
-    cbs = [keras.callbacks.TensorBoard(str(logs), histogram_freq=0, write_graph=False, update_freq='epoch', profile_batch=0),
-           LearningRateLogger(logs/'train')]
-    if train_ds is not None: cbs.append(InputImagesLogger(logs/'train', train_ds))
-    if c.tracking == 'mlflow': cbs.append(MLflowLogger(c, RunDir(run_dir).stage(stage).path, stage))
-    return cbs
 
 # %% ../nbs/04_train.ipynb #c8c068d1
 def stage_datasets(model, # the stage's model, built in the strategy's scope when it has several replicas

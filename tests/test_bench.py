@@ -60,12 +60,13 @@ def test_aliases_are_exported():
 # ---------------------------------------------------------------- the command line
 def test_each_benchmark_has_only_its_own_flags():
     parsers = _bench_parsers()
-    assert list(parsers) == ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'pipeline', 'distribute', 'gpu']
+    assert list(parsers) == ['wavelet', 'cache', 'cache-scale', 'idc', 'bootstrap', 'learn', 'two-view', 'pipeline', 'distribute', 'gpu']
     assert _flags(parsers['cache-scale']) == {'--films', '--size', '--n', '--workers', '--repeats', '--fill-repeats', '--film-shape'}
     assert _flags(parsers['learn']) == {'--config', '--models', '--steps', '--every', '--size', '--batch-size', '--task', '--amplitude', '--kind', '--time-limit', '--record'}
     assert _flags(parsers['wavelet']) == {'--n', '--size', '--workers', '--sigma', '--repeats'}
     assert [n for n, p in parsers.items() if '--films' in _flags(p)] == ['cache-scale']
-    assert [n for n, p in parsers.items() if '--config' in _flags(p)] == ['learn', 'pipeline', 'distribute', 'gpu']
+    assert [n for n, p in parsers.items() if '--config' in _flags(p)] == ['learn', 'two-view', 'pipeline', 'distribute', 'gpu']
+    assert _flags(parsers['two-view']) == {'--config', '--steps', '--every', '--size', '--batch-size', '--amplitude', '--fusion', '--backbone', '--n-boot', '--time-limit'}
     assert _flags(parsers['pipeline']) == {'--config', '--size', '--batch-size', '--steps', '--warmup', '--repeats', '--model-steps', '--backbone'}
     assert _flags(parsers['gpu']) == {'--config', '--sizes', '--batch-size', '--steps', '--max-batch', '--out', '--backbone'}
 

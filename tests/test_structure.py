@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT/'breast_cancer'
 # The chain: a module imports only modules before it (../shared/STYLE.md). Nothing imports the CLI.
 CHAIN = ['core', 'config', 'rundir', 'io', 'cache', 'data', 'fetch', 'mammo', 'histo', 'fixtures', 'wavelet', 'model',
-         'augment', 'twoview', 'distribute', 'train', 'metrics', 'calibrate', 'cascade', 'audit', 'evaluate', 'external', 'explain',
+         'augment', 'twoview', 'distribute', 'tracking', 'train', 'metrics', 'calibrate', 'cascade', 'audit', 'evaluate', 'external', 'explain',
          'report', 'learn', 'protocols', 'speed', 'bench', 'cli']
 
 def modules() -> dict[str, Path]:
