@@ -22,6 +22,7 @@ from .train import (cache_manifest, make_dataset, train, init_run_dir, ensure_sp
                                  distribute_scope, _run_folder, from_chief, sync_from_chief)
 from .cache import fit_square, quantize
 from .calibrate import RAW_COLUMNS, Calibrator, fit_calibrator
+from .twoview import image_scores, is_two_view, stage_views, two_view_from_config, view_pairs  # importing it registers its layers for loading
 
 # %% auto #0
 __all__ = ['PREDICT_EXTRA', 'cascade_labels', 'Cascade', 'build_stage', 'small_stage', 'predictions_frame',
@@ -64,6 +65,9 @@ class Cascade:
     def task(self) -> str: return 'binary' if self.stage1 is None and (self.config is None or self.config.task == 'binary') else 'cascade'
 
     @property
+    def unit(self) -> str: return 'breast' if any(m is not None and is_two_view(m) for m in (self.stage1, self.stage2)) else 'image'
+
+    @property
     def calibrating(self) -> bool: return self.config is not None and self.config.calibration != 'none'
 
     def __repr__(self):
@@ -86,6 +90,11 @@ def small_stage(config: Config, # the run config (its input size)
     c = need_config(config, 'small_stage')
     return small_cnn((c.data.image_size, c.data.image_size, c.data.channels), mixed_precision=precision_settings(c)['mixed_precision'])
 
+# %% ../nbs/05_cascade.ipynb #c4ea2006
+def _stage_model(c: Config, stage: str, build) -> keras.Model:
+    "A fresh model for one stage: two-view where `model.views` asks (with `model.small_cnn` inside when `build` is `small_stage`)."
+    return two_view_from_config(c, small=build is small_stage) if stage_views(c, stage) == 'two_view' else build(c)
+
 # %% ../nbs/05_cascade.ipynb #7da76f80
 @patch(cls_method=True)
 def from_config(cls: Cascade, config: Config, # the run config (`load_config` it first)
@@ -95,7 +104,7 @@ def from_config(cls: Cascade, config: Config, # the run config (`load_config` it
     c = need_config(config, 'Cascade.from_config'); build = build or build_stage
     precision_settings(c)   # resolved (and logged) here: its one-time device probes must not run inside a strategy's scope
     seed_everything(c.seed, deterministic=c.train.deterministic)
-    with distribute_scope(c): stage1, stage2 = (build(c) if c.task == 'cascade' else None), build(c)  # on every replica
+    with distribute_scope(c): stage1, stage2 = (_stage_model(c, 'stage1', build) if c.task == 'cascade' else None), _stage_model(c, 'stage2', build)  # on every replica
     return cls(stage1, stage2, config=c)
 
 # %% ../nbs/05_cascade.ipynb #32115f9e
@@ -120,6 +129,7 @@ def _check_probabilities(p: np.ndarray, stage: str, model) -> np.ndarray:
 
 # %% ../nbs/05_cascade.ipynb #b090956a
 def _predict_manifest(model, manifest, config, batch_size=None, stage: str = 'stage2'):
+    if is_two_view(model): return _check_probabilities(image_scores(model, manifest, config, batch_size), stage, model)   # each image: its breast's score
     ds = make_dataset(manifest, config, training=False, labels=False, batch_size=batch_size)
     fn = _predict_fn(model)
     return _check_probabilities(np.concatenate([np.asarray(fn(x)).reshape(-1) for x in ds]).astype(float), stage, model)
@@ -172,12 +182,14 @@ def fit(self: Cascade, manifest: pd.DataFrame, # manifest; split by patient when
         else: init_run_dir(c, manifest, run_dir)
         stages = [('stage1', self.stage1, 'abnormal')] if c.task == 'cascade' else []
         if c.task == 'cascade' and self.stage1 is None: raise ConfigError("task 'cascade' needs a stage-1 model: pass stage1= or use Cascade.from_config")
+        pairs = view_pairs(manifest, c.data.views, c.data.one_view_breasts) if 'two_view' in {stage_views(c, s) for s in STAGES} else None
         for stage, model, target in stages + [('stage2', self.stage2, 'malignant')]:
-            if from_chief([stage_done(run_dir, stage, c, manifest)], c)[0]:  # finished earlier with this config (the chief's word)
+            rows = pairs if stage_views(c, stage) == 'two_view' else manifest   # a two-view stage trains on breasts
+            if from_chief([stage_done(run_dir, stage, c, rows)], c)[0]:  # finished earlier with this config (the chief's word)
                 _log.info(f'{stage}: already trained in {run.stage(stage).path} with this config; loading it')
                 if run.stage(stage).model.exists(): model.load_weights(run.stage(stage).model)
                 sync_from_chief(model, c)
-            else: train(model, manifest, c, run_dir, stage, target=target, callbacks=callbacks, verbose=verbose)
+            else: train(model, rows, c, run_dir, stage, target=target, callbacks=callbacks, verbose=verbose)
     self.choose_thresholds(manifest[manifest['split'] == 'val'])
     return self
 
@@ -322,7 +334,7 @@ def predictions_frame(cascade: Cascade, # a fitted cascade
                       manifest: pd.DataFrame, # rows to predict (usually the test split)
                       fold: int|None = None, # fold number for out-of-fold predictions
                      ) -> pd.DataFrame:
-    "Predictions contract rows (+ `stage2_label`, the stage-2 decision alone; + `RAW_COLUMNS` when calibrating) for a manifest."
+    "Predictions contract rows (+ `stage2_label`, the stage-2 decision alone; + `RAW_COLUMNS` when calibrating; + `unit` with a two-view stage) for a manifest."
     raw = cascade.probabilities(manifest); pa, pm = cascade.calibrate(*raw)
     m = manifest.reset_index(drop=True)
     out = pd.DataFrame({'dataset': m['dataset'], 'image_id': m['image_id'], 'image_path': m['image_path'],
@@ -332,7 +344,9 @@ def predictions_frame(cascade: Cascade, # a fitted cascade
     out['pred_label'] = cascade_labels(pa, pm, cascade.threshold1, cascade.threshold2)
     out['stage2_label'] = np.where(pm >= cascade.threshold2, 'malignant', 'benign')
     if cascade.calibrating: out[list(RAW_COLUMNS)] = np.c_[raw]
-    return out[[*PREDICTION_COLUMNS, 'stage2_label', *(RAW_COLUMNS if cascade.calibrating else ())]]
+    breasts = cascade.unit == 'breast'
+    if breasts: out['unit'] = 'breast'   # a two-view stage: every image carries its breast's score
+    return out[[*PREDICTION_COLUMNS, 'stage2_label', *(RAW_COLUMNS if cascade.calibrating else ()), *(['unit'] if breasts else [])]]
 
 # %% ../nbs/05_cascade.ipynb #6127da76
 def summarize_predictions(pred: pd.DataFrame, # Predictions contract rows with `stage2_label` (`predictions_frame`)

@@ -14,6 +14,7 @@ from .data import DATASETS, exclusion_reasons, load_dataset, patient_split
 from .io import read_image
 from .metrics import choose_threshold, compare_auc_unpaired, format_ci, markdown_table, markdown_text, sample_size_note
 from .cascade import Cascade, cascade_labels, predictions_frame
+from .twoview import image_input_shape
 from .evaluate import CascadeMetrics, _binary_task, cascade_metrics, plot_roc, run_thresholds
 
 # %% auto #0
@@ -244,7 +245,7 @@ def evaluate_external(run_dir, # a finished run folder (its saved cascade, confi
     name = name or (dataset if data_root is None else f'{dataset}-{Path(data_root).name}')
     cas = Cascade.load(run.path); config = cas.config
     m = external_manifest(run, dataset, data_root, options)
-    check_inputs(config, cas.stage2.input_shape, m, dataset)
+    check_inputs(config, image_input_shape(cas.stage2), m, dataset)
     pred = predictions_frame(cas, m)
     thresholds, source = (None if cas.stage1 is None else cas.threshold1, cas.threshold2), 'run'
     if rechoose:

@@ -22,6 +22,7 @@ from .distribute import (  # re-exported: they lived here before the distribute 
     distribute_info, is_chief, worker_run_dir, from_chief, sync_from_chief, weights_checksum, fit_distributed,
     fit_function, free_ports, worker_tf_configs, launch_workers, worker_command)
 from .augment import augment_batch, batch_seed  # re-exported: augment_batch lived here before the augment module
+from .twoview import is_pairs, make_pair_dataset
 from .tracking import LearningRateLogger, InputImagesLogger, MLflowLogger, tracking_callbacks  # re-exported: they lived here before
 
 # %% auto #0
@@ -252,9 +253,11 @@ def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); ca
                  labels: bool = True, # yield (x, y) pairs; False yields x only
                  epoch = 0, # training order and augmentation of this epoch: an int, or a tf.Variable (read as iteration starts)
                 ):
-    "A batched, prefetched `tf.data.Dataset` of (image, label): float32 in [0, 1], or the raw cached integers when training augments on the device."
+    "A batched, prefetched `tf.data.Dataset` of (image, label): float32 in [0, 1], or the raw cached integers when training augments on the device (breasts of a two-view stage: `twoview.make_pair_dataset`)."
     import tensorflow as tf
     c = need_config(config, 'make_dataset')
+    if is_pairs(manifest):   # a two-view stage's breasts (`twoview.view_pairs`): their own pipeline
+        return make_pair_dataset(manifest, c, training=training, target=target, batch_size=batch_size, labels=labels, epoch=epoch)
     if 'cache_path' not in manifest: manifest = cache_manifest(manifest, c)
     df, y = target_rows(manifest, target) if labels else (manifest, np.zeros(len(manifest), np.float32))
     if len(df) == 0: raise DataError(f"no rows to feed for target '{target}' (training={training}): check the split and labels")
@@ -545,7 +548,7 @@ def _train_locked(model, manifest, c: Config, rd: RunDir, stage, target, callbac
     "`train` inside the run folder's lock."
     import tensorflow as tf
     sd = rd.stage(stage); sd.remove_temporaries()   # a killed writer's leftovers: this process owns the folder now
-    if 'cache_path' not in manifest: manifest = cache_manifest(manifest, c)
+    if 'cache_path' not in manifest and not is_pairs(manifest): manifest = cache_manifest(manifest, c)
     if not rd.exists(): init_run_dir(c, manifest, rd.path)
     sd.best_model.parent.mkdir(parents=True, exist_ok=True)
     seed_everything(c.seed, deterministic=c.train.deterministic)
@@ -562,7 +565,7 @@ def _train_locked(model, manifest, c: Config, rd: RunDir, stage, target, callbac
     else:
         for f in (sd.best_model, sd.best_meta): f.unlink(missing_ok=True)
     best = AtomicModelCheckpoint(sd.best_model, monitor='val_loss')
-    place, why = _augment_on(c); _log.info(f'{stage}: augmentation runs on the {place} ({why})')
+    place, why = ('cpu', 'two-view breasts are augmented in tf.data') if is_pairs(manifest) else _augment_on(c); _log.info(f'{stage}: augmentation runs on the {place} ({why})')
     shown = train_ds if isinstance(train_ds, tf.data.Dataset) else make_dataset(train_rows, c, training=True, target=target)  # multi-worker: a local copy to show
     tracking = tracking_callbacks(c, rd.path, stage, shown)  # TensorBoard (+ MLflow): scalars, per-step LR, input images
     weights = class_weights(y_train) if c.train.class_imbalance == 'class_weights' and len(np.unique(y_train)) == 2 else None

@@ -17,7 +17,8 @@ from .augment import batch_seed, scale_and_augment, to_unit_float
 
 # %% auto #0
 __all__ = ['SEVERITY', 'FUSIONS', 'view_pairs', 'FoldViews', 'UnfoldViews', 'MaskedFusion', 'build_two_view_model', 'stage_views',
-           'two_view_from_config', 'make_pair_dataset', 'predict_breasts']
+           'two_view_from_config', 'make_pair_dataset', 'predict_breasts', 'is_pairs', 'is_two_view',
+           'image_input_shape', 'image_scores']
 
 # %% ../nbs/03b_twoview.ipynb #91092624
 _log = get_logger('twoview')
@@ -284,3 +285,36 @@ def predict_breasts(model: keras.Model, # a two-view model (`build_two_view_mode
                         'true_label': pairs['label'], 'p_abnormal': np.nan, 'p_malignant': np.nan, 'pred_label': ''})
     out[score] = p
     return out.assign(unit='breast', laterality=pairs['laterality'], n_views=pairs['n_views'], **{c_: pairs[c_] for c_ in paths})
+
+# %% ../nbs/03b_twoview.ipynb #95e937f4
+def is_pairs(df: pd.DataFrame) -> bool:
+    "True for a `view_pairs` table (one row per breast), False for a manifest of images."
+    return 'n_views' in df
+
+# %% ../nbs/03b_twoview.ipynb #9a50fa28
+def is_two_view(model: keras.Model) -> bool:
+    "True for a model from `build_two_view_model` (inputs `views` and `mask`)."
+    return isinstance(model.input, dict) and 'views' in model.input
+
+# %% ../nbs/03b_twoview.ipynb #1a745bbc
+def image_input_shape(model: keras.Model) -> tuple:
+    "(H, W, C) of one image the model reads: a view for a two-view model."
+    return tuple((model.input['views'].shape if is_two_view(model) else model.input_shape)[-3:])
+
+# %% ../nbs/03b_twoview.ipynb #180b4db8
+def image_scores(model: keras.Model, # a two-view model
+                 manifest: pd.DataFrame, # image rows, cached (`cache_path`), with patient_id, laterality, view
+                 config: Config, # a resolved Config (load_config): data.views
+                 batch_size: int|None = None, # default: train.batch_size
+                ) -> np.ndarray:
+    "Each image's breast's probability (one prediction per breast, given to each of its images, whatever its view)."
+    m = manifest.reset_index(drop=True)
+    pairs = view_pairs(m if 'label' in m else m.assign(label='normal'), config.data.views, 'keep')
+    ds = make_pair_dataset(pairs, config, labels=False, batch_size=batch_size)
+    p = np.concatenate([np.asarray(model(x, training=False), np.float64).reshape(-1) for x in ds])
+    keys = _breast_keys(pairs)
+    at = m[keys].astype(str).merge(pairs[keys].astype(str).assign(_p=p), on=keys, how='left')['_p'].to_numpy()
+    if np.isnan(at).any():
+        raise DataError(f"a two-view stage scores breasts, but {int(np.isnan(at).sum())} image(s) (e.g. {m.loc[np.isnan(at), 'image_id'].iloc[0]}) "
+                        f"belong to no breast with the views {list(config.data.views)} (data.views)")
+    return at

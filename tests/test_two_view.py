@@ -67,3 +67,37 @@ def test_bench_two_view_tiny(tmp_path):
     assert sorted(curve['model'].unique()) == ['single view (image)', 'single view + mean', 'two-view (attention)']
     assert curve.groupby('model')['step'].max().tolist() == [4, 4, 4]
     assert curve['test_auc'].between(0, 1).all() and (curve['lower'] <= curve['upper']).all()
+
+
+def test_breast_cancer_train_two_view_stage_on_cbis_fixture(tmp_path, isolated_dirs, monkeypatch, capsys):
+    "`breast-cancer train` with model.views: two_view trains the stage on breasts; the saved cascade reloads and scores per breast."
+    import functools, yaml
+    import breast_cancer.cascade as C
+    from breast_cancer.cli import main
+    from breast_cancer.evaluate import cascade_metrics, run_thresholds
+    from breast_cancer.rundir import RunDir
+    root = make_cbis_fixture(tmp_path/'cbis', extra_women=8)
+    monkeypatch.setattr(C, 'run_from_config', functools.partial(C.run_from_config, build=C.small_stage))   # small_cnn inside the two-view model
+    cfg = tmp_path/'two_view.yaml'
+    cfg.write_text(yaml.safe_dump({'name': 'tv', 'task': 'binary', 'wavelet': None,
+                                   'datasets': [{'name': 'cbis_ddsm', 'root': str(root), 'options': {'official_split': False}}],
+                                   'data': {'image_size': 32, 'val_size': 0.25, 'test_size': 0.25},
+                                   'model': {'weights': None, 'views': 'two_view', 'fusion': 'mean'},
+                                   'train': {'epochs': 1, 'batch_size': 4, 'steps_per_epoch': 2, 'validation_steps': 1}}))
+    assert main(['train', '--config', str(cfg), '--run-dir', str(tmp_path/'run')]) == 0
+    run = RunDir(tmp_path/'run')
+    pred = run.read_predictions('test')
+    assert set(pred['unit']) == {'breast'}
+    cas = C.Cascade.load(run.path)
+    assert cas.unit == 'breast' and set(cas.stage2.input) == {'views', 'mask'}
+    # every image carries its breast's score: both views of a breast agree
+    by_breast = pred.merge(cbis_sides(root), on='image_id').groupby(['patient_id', 'laterality'])['p_malignant'].nunique()
+    assert (by_breast == 1).all()
+    again = C.predictions_frame(cas, C.load_manifest(cas.config).merge(pred[['image_id']], on='image_id').assign(split='test'))
+    np.testing.assert_allclose(again.set_index('image_id').loc[pred['image_id'], 'p_malignant'], pred['p_malignant'], atol=1e-5)
+    assert cascade_metrics(pred, *run_thresholds(run.path), n_boot=50).stage2.n_images == len(pred)   # evaluation reads it as any run
+
+
+def cbis_sides(root):
+    m = _quiet(load_dataset, 'cbis_ddsm', root)
+    return m[['image_id', 'laterality']].drop_duplicates('image_id')
