@@ -10,7 +10,8 @@ from .core import ConfigError, DataError
 from .evaluate import _binary_task, _new_fig, validate_predictions
 
 # %% auto #0
-__all__ = ['find_last_conv', 'grad_cam', 'saliency_map', 'plot_misclassified', 'plot_explanations']
+__all__ = ['find_last_conv', 'grad_cam', 'saliency_map', 'plot_misclassified', 'plot_explanations', 'grad_cam_views',
+           'plot_view_explanations']
 
 # %% ../nbs/06a_explain.ipynb #4463c6ca
 def _is_conv(layer) -> bool:
@@ -217,4 +218,50 @@ def plot_explanations(model, # the Keras model that scored the images (one stage
         row[1].set_title('Grad-CAM', fontsize=8)
         row[2].imshow(sal, cmap='hot', vmin=0, vmax=1); row[2].set_title('gradient saliency', fontsize=8)
         for ax in row: ax.axis('off')
+    return fig
+
+# %% ../nbs/06a_explain.ipynb #5b9a58e2
+def grad_cam_views(model, # a two-view model (inputs `views` (B, V, H, W, C) and `mask` (B, V))
+                   views, # one breast's views (V, H, W, C) float32 in [0, 1], or a batch (B, V, H, W, C)
+                   mask=None, # (V,) or (B, V): 1 where the view exists (None: all present)
+                   layer_name: str|None = None, # the convolution to explain; None = the last Conv2D (in the shared backbone)
+                  ) -> np.ndarray:
+    "Grad-CAM of a two-view model for each view: (V, H, W) for one breast, (B, V, H, W) for a batch, each view in [0, 1]."
+    import tensorflow as tf
+    v = np.asarray(views, np.float32); single = v.ndim == 4
+    v = v[None] if single else v
+    m = np.ones(v.shape[:2], np.float32) if mask is None else np.asarray(mask, np.float32).reshape(v.shape[:2])
+    path = find_last_conv(model) if layer_name is None else _find_named(model, layer_name)
+    if path is None: raise ConfigError(f"grad_cam_views: no layer named {layer_name!r} in model {model.name!r}")
+    x = {'views': tf.convert_to_tensor(v), 'mask': tf.convert_to_tensor(m)}
+    with tf.GradientTape() as tape:
+        act, out = _forward(path, x); tape.watch(act)   # act: (B × V, h, w, k), the views folded into the batch
+        y = _target(out, None)
+    g = tape.gradient(y, act)
+    cam = tf.nn.relu(tf.reduce_sum(tf.reduce_mean(g, axis=(1, 2), keepdims=True) * act, -1))[..., None]
+    cam = tf.image.resize(cam, v.shape[2:4]).numpy()[..., 0].reshape(v.shape[:4])
+    cam = cam / np.maximum(cam.max(axis=(2, 3), keepdims=True), 1e-12)
+    return cam[0] if single else cam
+
+# %% ../nbs/06a_explain.ipynb #237855c9
+def plot_view_explanations(model, # a two-view model
+                           manifest: pd.DataFrame, # image rows (cached: `cache_path`) with patient_id, laterality, view, label
+                           config, # the run's Config: data.views, image size
+                           n: int = 2, # breasts to show (abnormal ones first)
+                           layer_name: str|None = None, # as in grad_cam_views
+                          ):
+    "Each view of `n` breasts beside its Grad-CAM (`grad_cam_views`), with the breast's probability."
+    from breast_cancer.twoview import make_pair_dataset, view_pairs
+    pairs = view_pairs(manifest, config.data.views, 'keep').sort_values(['abnormal', 'image_id'], ascending=[False, True]).head(n)
+    x = next(iter(make_pair_dataset(pairs, config, labels=False, batch_size=len(pairs))))
+    cams, p = grad_cam_views(model, x['views'], x['mask'], layer_name), np.asarray(model(x, training=False)).ravel()
+    names = list(config.data.views); fig, axes = _new_fig(len(pairs), 2 * len(names), figsize=(2.4 * 2 * len(names), 2.7 * len(pairs)), squeeze=False)
+    for i, (_, b) in enumerate(pairs.reset_index(drop=True).iterrows()):
+        for k, view in enumerate(names):
+            img, here = np.asarray(x['views'][i, k, ..., 0]), bool(x['mask'][i, k])
+            for a, heat in ((axes[i, 2 * k], False), (axes[i, 2 * k + 1], True)):
+                a.imshow(img, cmap='gray', vmin=0, vmax=1); a.axis('off')
+                if heat and here: a.imshow(cams[i, k], cmap='jet', alpha=0.45, vmin=0, vmax=1)
+            axes[i, 2 * k].set_title(f"{b['image_id']} {view}{'' if here else ' (missing)'}\ntrue {b['label']}", fontsize=8)
+            axes[i, 2 * k + 1].set_title(f'Grad-CAM {view}\nbreast p = {p[i]:.3f}', fontsize=8)
     return fig
