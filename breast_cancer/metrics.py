@@ -80,6 +80,7 @@ class _RankCurves:
         self.levels, inv = levels[::-1], K - 1 - inv
         mk = lambda m: sparse.csr_matrix((np.ones(m.sum()), (codes[m], inv[m])), shape=(n_groups, K)).T.tocsr()
         self.pos, self.neg = mk(y), mk(~y)    # (levels × patients) counts of positive / negative images
+        self.base = np.asarray(self.pos.sum(1) + self.neg.sum(1)).ravel()   # images per level in the data as they are
 
     def weighted(self, W):
         "Positive and negative weight per score level, (replicates × levels, highest first), for patient weights W."
@@ -226,10 +227,12 @@ def _spec_at_sens(pos, neg, target: float) -> np.ndarray:
 ECE_BINS = 10   # equal-mass bins of the expected calibration error
 
 # %% ../nbs/05a_metrics.ipynb #9c0a19e4
-def _ece(pos, neg, levels, n_bins: int = ECE_BINS) -> np.ndarray:
-    "Per row: expected calibration error over `n_bins` equal-mass bins of the score levels (a level is never split)."
-    w = pos + neg; cw = np.cumsum(w, 1); total = cw[:, -1:]
-    b = np.minimum((_div(cw - w / 2, total) * n_bins).astype(int), n_bins - 1)   # the bin of each level's middle case
+def _ece(pos, neg, levels, n_bins: int = ECE_BINS, base=None) -> np.ndarray:
+    "Per row: expected calibration error over `n_bins` equal-mass bins of the score levels (a level is never split); `base`: the bins' weights."
+    w = pos + neg; total = w.sum(1, keepdims=True)
+    w0 = w if base is None else np.broadcast_to(np.asarray(base, float), w.shape)   # bootstrap: the data's own bins, not the replicate's
+    cw0 = np.cumsum(w0, 1)
+    b = np.minimum((_div(cw0 - w0 / 2, cw0[:, -1:]) * n_bins).astype(int), n_bins - 1)   # the bin of each level's middle case
     idx = (b + n_bins * np.arange(len(w))[:, None]).ravel()
     per_bin = lambda v: np.bincount(idx, np.ravel(v), minlength=len(w) * n_bins).reshape(len(w), n_bins)
     return _div(np.abs(per_bin(pos) - per_bin(w * levels)).sum(1), total[:, 0], np.nan)
@@ -240,9 +243,9 @@ def _brier(pos, neg, levels) -> np.ndarray:
     return _div(pos @ (1 - levels) ** 2 + neg @ levels ** 2, (pos + neg).sum(1), np.nan)
 
 # %% ../nbs/05a_metrics.ipynb #5b30ed50
-CURVE_METRICS = {'sens@spec90': lambda p, n, lv: _sens_at_spec(p, n, 0.90), 'sens@spec95': lambda p, n, lv: _sens_at_spec(p, n, 0.95),
-                 'spec@sens90': lambda p, n, lv: _spec_at_sens(p, n, 0.90), 'spec@sens95': lambda p, n, lv: _spec_at_sens(p, n, 0.95),
-                 'brier': _brier, 'ece': _ece}   # metrics of the score alone, per replicate, from `_RankCurves` weights
+CURVE_METRICS = {'sens@spec90': lambda p, n, rc: _sens_at_spec(p, n, 0.90), 'sens@spec95': lambda p, n, rc: _sens_at_spec(p, n, 0.95),
+                 'spec@sens90': lambda p, n, rc: _spec_at_sens(p, n, 0.90), 'spec@sens95': lambda p, n, rc: _spec_at_sens(p, n, 0.95),
+                 'brier': lambda p, n, rc: _brier(p, n, rc.levels), 'ece': lambda p, n, rc: _ece(p, n, rc.levels, base=rc.base)}   # metrics of the score alone, per replicate, from `_RankCurves` weights (f(pos, neg, rank_curves))
 
 # %% ../nbs/05a_metrics.ipynb #9ecf3c30
 def _curve_metrics(y, s, codes=None, n_groups=None, W=None) -> dict:
@@ -250,7 +253,7 @@ def _curve_metrics(y, s, codes=None, n_groups=None, W=None) -> dict:
     if codes is None: codes, n_groups = np.arange(len(y)), len(y)
     rc = _RankCurves(y, s, codes, n_groups)
     pos, neg = rc.weighted(np.ones((1, n_groups)) if W is None else W)
-    return {k: f(pos, neg, rc.levels) for k, f in CURVE_METRICS.items()}
+    return {k: f(pos, neg, rc) for k, f in CURVE_METRICS.items()}
 
 # %% ../nbs/05a_metrics.ipynb #a7eb9b48
 def _unweighted(y_true, y_score) -> tuple:
@@ -326,7 +329,7 @@ def binary_metrics(y_true, # true class per case: bool or 0/1 (1 = positive: abn
             m = _binary_from_counts(*c.T)
             pos, neg = rc.weighted(W)
             m['roc_auc'], m['pr_auc'] = rc.auc(pos, neg), rc.average_precision(pos, neg)
-            m.update({k: f(pos, neg, rc.levels) for k, f in CURVE_METRICS.items()})
+            m.update({k: f(pos, neg, rc) for k, f in CURVE_METRICS.items()})
             reps.append(np.column_stack([m[k] for k in BINARY_METRICS]))
         if skipped: _log.info(f"{title or 'binary_metrics'}: {skipped} of {n_boot} bootstrap replicates lacked a class and were skipped")
     reps = np.vstack(reps) if reps else np.empty((0, len(BINARY_METRICS)))
