@@ -468,6 +468,17 @@ def _add_breasts(out: pd.DataFrame, views: pd.DataFrame, aggregation: str, t1: f
     out['breast_label'] = np.where(known, labels, '')
     return out
 
+# %% ../nbs/05_cascade.ipynb #483b7c5e
+def _predict_breasts_of(cas: Cascade, paths: list, views, model_dir) -> pd.DataFrame:
+    "`Cascade.predict` for files when a stage reads two views per breast: the views table groups the files into breasts."
+    if views is None:
+        raise DataError(f"{model_dir}: this run's model reads two views per breast (model.views: two_view): pass a views table "
+                        "(--views FILE.csv: image_path, patient_id, laterality, view per image) so the files can be grouped into breasts")
+    m = pd.DataFrame({'image_path': [str(Path(p).resolve()) for p in paths]}).merge(_read_views(views), on='image_path', how='left')
+    if m['patient_id'].isna().any(): raise DataError(f"{m.loc[m['patient_id'].isna(), 'image_path'].iloc[0]} is not in the views table")
+    out = cas.predict(m.assign(dataset='predict', image_id=[f'{i:06d}' for i in range(len(m))]))
+    return out.drop(columns=['dataset', 'image_id']).assign(image_path=[str(p) for p in paths])   # as the caller wrote them
+
 # %% ../nbs/05_cascade.ipynb #67362671
 def predict_table(model_dir, # a run folder (holding cascade/) or a folder written by Cascade.save
                   paths: list, # image files: PGM, PNG, JPEG or DICOM
@@ -477,7 +488,7 @@ def predict_table(model_dir, # a run folder (holding cascade/) or a folder writt
     "One row per image: image_path, p_abnormal, p_malignant, both thresholds, pred_label; with `views`, the breast's too."
     paths = _existing_files(paths)
     if aggregation not in AGGREGATIONS: raise ConfigError(f"aggregation={aggregation!r} is unknown: use 'mean' or 'max'")
-    cas = Cascade.load(model_dir); out = cas.predict(paths)
+    cas = Cascade.load(model_dir); out = _predict_breasts_of(cas, paths, views, model_dir) if cas.unit == 'breast' else cas.predict(paths)
     out.insert(3, PREDICT_EXTRA[0], np.nan if cas.stage1 is None else float(cas.threshold1))
     out.insert(4, PREDICT_EXTRA[1], float(cas.threshold2))
     return out if views is None else _add_breasts(out, _read_views(views), aggregation, cas.threshold1, cas.threshold2)

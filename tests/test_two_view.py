@@ -96,6 +96,13 @@ def test_breast_cancer_train_two_view_stage_on_cbis_fixture(tmp_path, isolated_d
     again = C.predictions_frame(cas, C.load_manifest(cas.config).merge(pred[['image_id']], on='image_id').assign(split='test'))
     np.testing.assert_allclose(again.set_index('image_id').loc[pred['image_id'], 'p_malignant'], pred['p_malignant'], atol=1e-5)
     assert cascade_metrics(pred, *run_thresholds(run.path), n_boot=50).stage2.n_images == len(pred)   # evaluation reads it as any run
+    # `breast-cancer predict` on files: a views table groups them into breasts; without one, a clear error
+    views = pred[['image_path', 'patient_id']].merge(cbis_sides(root).merge(pred[['image_id', 'image_path']], on='image_id'), on='image_path')
+    views = views.merge(_quiet(load_dataset, 'cbis_ddsm', root)[['image_path', 'view']], on='image_path')
+    table = C.predict_table(run.path, pred['image_path'].tolist(), views=views[['image_path', 'patient_id', 'laterality', 'view']])
+    np.testing.assert_allclose(table['p_malignant'], pred['p_malignant'], atol=1e-5)
+    assert (table['breast_p_malignant'] - table['p_malignant']).abs().max() < 1e-6
+    with pytest.raises(DataError, match='reads two views per breast'): C.predict_table(run.path, pred['image_path'].tolist())
 
 
 def cbis_sides(root):
