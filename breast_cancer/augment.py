@@ -12,7 +12,7 @@ from .config import Config, need_config
 
 # %% auto #0
 __all__ = ['to_unit_float', 'warp_affine', 'augment_batch', 'batch_seed', 'augment_place', 'scale_and_augment', 'device_augment',
-           'install_device_augmentation']
+           'install_device_augmentation', 'epoch_rows']
 
 # %% ../nbs/03a_augment.ipynb #2004555c
 _log = get_logger('augment')
@@ -216,3 +216,23 @@ def install_device_augmentation(model, # a compiled Keras model, about to be fit
     model.train_step = _augmenting_step(state, c.train.augment, c.seed, batch_size, own)
     model.train_function = None   # fit makes its function again, from the override
     return state
+
+# %% ../nbs/03a_augment.ipynb #323d2b17
+def epoch_rows(n: int, seed: int, epoch, rows_per_epoch: int|None = None):
+    "(epoch, position, row) in training order (train.make_dataset, twoview.make_pair_dataset): epoch e is shuffled by (seed, e) alone, so a resumed epoch gets its own order."
+    import tensorflow as tf
+    plain, fold = tf.autograph.experimental.do_not_convert, tf.random.experimental.stateless_fold_in
+    key = tf.constant([seed, 0x5EED], tf.int64)
+    @plain
+    def one_pass(e, p):
+        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), fold(fold(key, e), p))
+        return tf.data.Dataset.from_tensor_slices(order)
+    @plain
+    def one_epoch(e):
+        rows = one_pass(e, 0) if rows_per_epoch is None else \
+            tf.data.Dataset.range(2**62).flat_map(plain(lambda p: one_pass(e, p))).take(rows_per_epoch)
+        return rows.enumerate().map(plain(lambda j, i: (e, j, i)))
+    # the first epoch is read when iteration starts: train() sets the variable as each epoch begins
+    start = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(plain(lambda _: tf.cast(tf.convert_to_tensor(epoch), tf.int64)))
+    if rows_per_epoch is None: return start.flat_map(one_epoch)  # one epoch per iteration (Keras re-iterates each epoch)
+    return start.flat_map(plain(lambda s: tf.data.Dataset.range(s, 2**62))).flat_map(one_epoch)

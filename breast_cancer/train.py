@@ -21,7 +21,7 @@ from .distribute import (  # re-exported: they lived here before the distribute 
     strategy_kind, distribute_strategy, distribute_scope, split_cpu, global_batch_size, lr_factor,
     distribute_info, is_chief, worker_run_dir, from_chief, sync_from_chief, weights_checksum, fit_distributed,
     fit_function, free_ports, worker_tf_configs, launch_workers, worker_command)
-from .augment import augment_batch, batch_seed  # re-exported: augment_batch lived here before the augment module
+from .augment import augment_batch, batch_seed, epoch_rows  # re-exported: augment_batch lived here before the augment module
 from .twoview import is_pairs, make_pair_dataset
 from .tracking import LearningRateLogger, InputImagesLogger, MLflowLogger, tracking_callbacks  # re-exported: they lived here before
 
@@ -190,26 +190,6 @@ def target_rows(manifest: pd.DataFrame, target: str) -> tuple[pd.DataFrame, np.n
     df = manifest[manifest[target].notna()] if target == 'malignant' else manifest
     return df, df[target].astype(bool).to_numpy().astype(np.float32)
 
-# %% ../nbs/04_train.ipynb #323d2b17
-def _epoch_rows(n: int, seed: int, epoch, rows_per_epoch: int|None = None):
-    "(epoch, position, row) in training order: epoch e is shuffled by (seed, e) alone, so a resumed epoch gets its own order."
-    import tensorflow as tf
-    plain, fold = tf.autograph.experimental.do_not_convert, tf.random.experimental.stateless_fold_in
-    key = tf.constant([seed, 0x5EED], tf.int64)
-    @plain
-    def one_pass(e, p):
-        order = tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), fold(fold(key, e), p))
-        return tf.data.Dataset.from_tensor_slices(order)
-    @plain
-    def one_epoch(e):
-        rows = one_pass(e, 0) if rows_per_epoch is None else \
-            tf.data.Dataset.range(2**62).flat_map(plain(lambda p: one_pass(e, p))).take(rows_per_epoch)
-        return rows.enumerate().map(plain(lambda j, i: (e, j, i)))
-    # the first epoch is read when iteration starts: train() sets the variable as each epoch begins
-    start = tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).map(plain(lambda _: tf.cast(tf.convert_to_tensor(epoch), tf.int64)))
-    if rows_per_epoch is None: return start.flat_map(one_epoch)  # one epoch per iteration (Keras re-iterates each epoch)
-    return start.flat_map(plain(lambda s: tf.data.Dataset.range(s, 2**62))).flat_map(one_epoch)
-
 # %% ../nbs/04_train.ipynb #d95bcf5e
 def _augment_on(config: Config) -> tuple[str, str]:
     "Where training augmentation runs ('cpu' or 'device') and why: `augment.augment_place` (multi-worker runs: the CPU)."
@@ -297,7 +277,7 @@ def make_dataset(manifest: pd.DataFrame, # manifest rows to feed (one split); ca
         return bc_augment.scale_and_augment(x, aug, batch_seed(c.seed, key[0, 0], key[0, 1])), t
     if training:  # shuffle the (cheap) row numbers, not decoded images: memory stays flat for large datasets
         per_epoch = None if c.train.steps_per_epoch is None else c.train.steps_per_epoch * bs
-        ds = _epoch_rows(len(paths), c.seed, epoch, per_epoch).map(plain(lambda e, j, i: (i, tf.gather(Y, i), tf.stack([e, j]))))
+        ds = epoch_rows(len(paths), c.seed, epoch, per_epoch).map(plain(lambda e, j, i: (i, tf.gather(Y, i), tf.stack([e, j]))))
     else: ds = tf.data.Dataset.from_tensor_slices((np.arange(len(paths)), y, np.zeros((len(paths), 2), np.int64)))
     if held is not None: ds = ds.batch(bs).map(plain(lambda i, t, key: (tf.gather(held, tf.gather(U, i)), t, key)))
     else: ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(bs)

@@ -13,7 +13,7 @@ from .config import Config, check_choice, need_config
 from .data import LABELS, PREDICTION_COLUMNS
 from .cache import batch_dtype, cache_layouts, read_cached_tf
 from . import model as bc_model
-from .augment import batch_seed, scale_and_augment, to_unit_float
+from .augment import batch_seed, epoch_rows, scale_and_augment, to_unit_float
 
 # %% auto #0
 __all__ = ['SEVERITY', 'FUSIONS', 'view_pairs', 'FoldViews', 'UnfoldViews', 'MaskedFusion', 'build_two_view_model', 'stage_views',
@@ -256,16 +256,15 @@ def make_pair_dataset(pairs: pd.DataFrame, # `view_pairs` of a cached manifest (
     def load(i):   # one breast: each view's cached pixels (a missing view's slot reads view 0's file, then is blanked)
         m = tf.gather(M, i); x = tf.stack([one(tf.gather(U, i)[v]) for v in range(n)])
         return x * tf.cast(m, x.dtype)[:, None, None, None], m, tf.gather(Y, i)
-    rows = tf.data.Dataset.range(len(df))
-    if training:
-        rows = rows.shuffle(len(df), seed=c.seed, reshuffle_each_iteration=True)
-        if c.train.steps_per_epoch: rows = rows.repeat()
-    ds = rows.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(bs).enumerate()
+    if training:   # each epoch's order from (seed, epoch) alone (`augment.epoch_rows`): a resumed run feeds its epoch as before
+        per_epoch = c.train.steps_per_epoch * bs if c.train.steps_per_epoch else None
+        rows = epoch_rows(len(df), c.seed, epoch, per_epoch).map(plain(lambda e, j, i: (i, tf.stack([e, j // bs]))))
+    else: rows = tf.data.Dataset.range(len(df)).map(plain(lambda i: (i, tf.zeros([2], tf.int64))))
+    ds = rows.map(plain(lambda i, ek: (*load(i), ek)), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).batch(bs)
     aug = c.train.augment
     @plain
-    def finish(k, b):
-        x, m, t = b
-        x = _pair_augment(x, m, k, aug, c.seed, epoch) if training else to_unit_float(x)
+    def finish(x, m, t, ek):   # ek: each row's (epoch, batch of the epoch)
+        x = _pair_augment(x, m, ek[0, 1], aug, c.seed, ek[0, 0]) if training else to_unit_float(x)
         return ({'views': x, 'mask': m}, t) if labels else {'views': x, 'mask': m}
     return ds.map(finish, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(tf.data.AUTOTUNE)
 
