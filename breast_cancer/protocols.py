@@ -19,7 +19,7 @@ from .report import REPORTED
 # %% auto #0
 __all__ = ['PROTOCOLS', 'MODELS', 'PROTOCOLS_RECORD', 'shift_image', 'augment_copy', 'augmented_copies', 'protocol_split',
            'audit_verdict', 'published_claim', 'compare_protocols', 'record_protocols', 'measured_protocols',
-           'plot_protocols', 'protocols_section', 'run_protocols', 'learn_note']
+           'plot_protocols', 'protocols_section', 'run_protocols']
 
 # %% ../nbs/09c_protocols.ipynb #12fdb389
 PROTOCOLS = {'patient': 'patient-level split (ours): no woman on both sides',
@@ -256,31 +256,3 @@ def run_protocols(config, # a Config, a preset name or a YAML path
     atomic_write_csv(table, out/'protocols.csv', index=False)
     atomic_write_text(out/'protocols.md', protocols_section(table))
     return out
-
-# %% ../nbs/09c_protocols.ipynb #66880722
-def learn_note(config: Config, # the run's config (its `name` picks the record)
-               path=None, # the record file (default: the package's `LEARN_RECORD`)
-               target: float = 0.9, # the test AUC the verdict asks about
-              ) -> str|None:
-    "Markdown: what `bench learn --record` measured on this preset, beside this run's training budget; None if unmeasured."
-    rec = _learn_records(path)[1].get(config.name)
-    if not rec: return None
-    steps = sorted({s for cv in rec['curves'].values() for s, _ in cv})
-    table = pd.DataFrame([{'model': m + (" (this run's model)" if m == config.model.backbone else ' (stand-in)'),
-                           **{f'step {s}': (f'{a:.2f}' if (a := _auc_at(cv, s)) is not None else '-') for s in steps}}
-                          for m, cv in rec['curves'].items()])
-    budget = config.train.epochs * (config.train.steps_per_epoch or 0)
-    mine = rec['curves'].get(config.model.backbone) or []
-    needed = next((s for s, a in mine if a >= target), None)
-    verdict = (f"{config.model.backbone} did not reach test AUC {target} within the {steps[-1]} steps measured" if needed is None
-               else f"{config.model.backbone} needed {needed} steps to reach test AUC {target} on that task")
-    short = needed is None or not budget or budget < needed
-    return (f"**Can this preset learn?** `{rec['command']}` ({rec['date']}, {rec['machine']}) trains this preset as given on a "
-            f"synthetic task with a known answer: a {rec['kind']} of amplitude {rec['amplitude']} added to the normal films of half "
-            f"of the patients, at {rec['image_size']} px, batch {rec['batch_size']}. Test AUC by training step, on {rec['test_images']} "
-            f"test images of {rec['test_patients']} patients (one image moves it by up to {2 / max(rec['test_images'], 2):.2f}):\n\n"
-            + markdown_table(table) + f"\n{verdict}; this run trains {budget or 'whole epochs of'} steps a stage"
-            + (", so its figures below stay near chance: they show the pipeline running, not the method's accuracy. "
-               if short else ", more than that. ")
-            + "The stand-in CNN trains through the same pipeline (data, cache, augmentation, schedule): its curve shows that "
-            "the pipeline itself learns.")
