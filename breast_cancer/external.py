@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses, json
 from pathlib import Path
 import numpy as np, pandas as pd
-from .core import DataError, atomic_write_csv, atomic_write_text, folder_lock, get_logger, read_csv_safe, reports_dir
+from .core import DataError, atomic_write_csv, atomic_write_text, folder_lock, get_logger, reports_dir
 from .config import Config
 from .rundir import RunDir
 from .data import DATASETS, exclusion_reasons, load_dataset, patient_split
